@@ -1,0 +1,94 @@
+"""Command line: status · grid · checkpoint · rescore · tiny · sample."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _params(pairs: list[list[str]] | None) -> dict:
+    out = {}
+    for k, v in pairs or []:
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hitbench_utils", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("status", help="what a run folder holds, and a one-line verdict")
+    s.add_argument("run_dirs", nargs="+")
+    s.add_argument("--json", action="store_true")
+    g = sub.add_parser("grid", help="run the infer notebook for each modality × format, with resume")
+    g.add_argument("--modality", nargs="+", default=["text"])
+    g.add_argument("--format", nargs="+", default=["html"])
+    g.add_argument("--runs-root", default="runs")
+    g.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a notebook parameter, as with papermill -p (JSON values are parsed)")
+    c = sub.add_parser("checkpoint", help="export checkpoint.json in the old scripts' shape")
+    c.add_argument("run_dir")
+    r = sub.add_parser("rescore", help="recompute every score from the stored outputs, without a model")
+    r.add_argument("run_dir")
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--chart-compat", action="store_true", help="emulate the original harness's exec scoping")
+    r.add_argument("--judge-base-url", default=None)
+    r.add_argument("--judge-model", default=None)
+    r.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    r.add_argument("--dry-run", action="store_true", help="compare only; write nothing")
+    sub.add_parser("tiny", help="build (once) the tiny random Qwen3-VL and print its folder")
+    sp = sub.add_parser("sample", help="write (once) the embedded sample dataset and print its folder")
+    sp.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    if a.cmd == "status":
+        from .status import format_status, summarize
+
+        worst = 0
+        for d in a.run_dirs:
+            s = summarize(d)
+            print(json.dumps(s, indent=1, default=str) if a.json else format_status(s))
+            worst = max(worst, 0 if s["verdict"].startswith("complete") else 1)
+        return worst
+    if a.cmd == "grid":
+        from .grid import format_grid, run_grid
+
+        rows = run_grid(a.modality, a.format, runs_root=a.runs_root, params=_params(a.param))
+        print(format_grid(rows))
+        return 0 if all(r["outcome"] == "ran" for r in rows) else 1
+    if a.cmd == "checkpoint":
+        from .status import export_checkpoint
+
+        print(export_checkpoint(a.run_dir))
+        return 0
+    if a.cmd == "rescore":
+        from .rescore import format_rescore, rescore_run
+
+        judge = None
+        if a.judge_base_url and a.judge_model:
+            from pathlib import Path
+
+            from .scoring import Judge
+
+            judge = Judge(a.judge_base_url, a.judge_model, api_key_env=a.judge_api_key_env,
+                          cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"))
+        print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
+                                         write=not a.dry_run)))
+        return 0
+    if a.cmd == "tiny":
+        from .backends.tiny import tiny_model_dir
+
+        print(tiny_model_dir())
+        return 0
+    if a.cmd == "sample":
+        from .sample_data import ensure_sample_dataset
+
+        print(ensure_sample_dataset(a.out))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""What the engine needs from a model, whatever serves it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Generation settings; greedy when temperature == 0 (reproducible), sampling otherwise."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 0.8
+    top_k: int = 20
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class GenRequest:
+    key: Any                       # the caller's handle (e.g. the sample id)
+    messages: list[dict]
+    image: Any = None              # a PIL image, or None
+    input_tokens: int | None = None
+
+
+@dataclass
+class GenResult:
+    text: str
+    output_tokens: int
+    input_tokens: int | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+    info: dict
+
+    def count_tokens(self, messages: list[dict], image: Any = None) -> int: ...
+
+    def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]: ...

@@ -1,0 +1,128 @@
+"""Any local Qwen3-VL folder through AutoProcessor + AutoModelForImageTextToText (the tiny model too).
+
+The attention implementation is checked after loading: if the model did not get the one asked for,
+that is an error, never a silent fallback (the seed's image OOMs came from a silent fall back to eager).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelLoadError
+from .base import GenRequest, GenResult, GenSettings
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def model_identity(path: str | Path) -> dict:
+    """What identifies a model folder for the fingerprint, without loading it."""
+    p = Path(path)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"model={str(path)!r} is not a model folder: it has no config.json. Fix: pass a local "
+                             "Qwen3-VL folder (one that from_pretrained accepts) or model='tiny'")
+    ident = {"path": str(p.resolve()), "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]}
+    tiny = p / "hitbench_tiny.json"
+    if tiny.is_file():
+        ident["tiny"] = json.loads(tiny.read_text())
+        ident["path"] = "tiny"
+    return ident
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device in ("auto", "", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", device, "cpu, or cuda[:N] on a machine with a GPU", "pass device='cpu' or 'auto'")
+    return device
+
+
+class HFBackend:
+    """Batched ``generate`` over a local checkpoint, left-padded, greedy by default."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa",
+                 device: str = "auto") -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", dtype, ", ".join(DTYPES))
+        if attn_implementation not in ATTN:
+            raise ConfigError("attn_implementation", attn_implementation, ", ".join(ATTN))
+        self.identity = model_identity(model_path)
+        self.device = resolve_device(device)
+        torch_dtype = (torch.bfloat16 if self.device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_path)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=torch_dtype, attn_implementation=attn_implementation).to(self.device).eval()
+        except (ImportError, ValueError) as e:
+            if "attn" in str(e).lower() or "flash" in str(e).lower():
+                raise ModelLoadError(f"attn_implementation={attn_implementation!r} could not be loaded: {e}. Fix: install "
+                                     "its kernels or pass attn_implementation='sdpa'") from e
+            raise ModelLoadError(f"model={str(model_path)!r} could not be loaded: {e}") from e
+        except (OSError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"model={str(model_path)!r} could not be loaded: {e}. Fix: pass a folder holding a "
+                                 "Qwen3-VL checkpoint (config.json, weights, processor files) or model='tiny'") from e
+        got = self.model.config._attn_implementation
+        if got != attn_implementation:
+            raise ModelLoadError(f"asked for attn_implementation={attn_implementation!r} but the model loaded {got!r}; "
+                                 "refusing to fall back silently")
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.default_max_new_tokens = 32 if "tiny" in self.identity else 1024
+        self.name = self.identity["path"]
+        self.info = {"model": self.identity, "device": self.device, "dtype": str(torch_dtype).replace("torch.", ""),
+                     "attn_implementation": got}
+
+    # -- prompts --------------------------------------------------------------------------------
+    def chat_text(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def image_tokens(self, image: Any) -> int:
+        """Tokens the processor will give this image (patch 16, merge 2: one per 32×32 pixels)."""
+        grid = self.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        merge = getattr(self.processor.image_processor, "merge_size", 2)
+        return int(grid.prod().item()) // (merge * merge)
+
+    def count_tokens(self, messages: list[dict], image: Any = None) -> int:
+        """Exact length of the chat-templated prompt, image tokens included."""
+        n = len(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
+        return n + (self.image_tokens(image) - 1 if image is not None else 0)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
+        import torch
+
+        texts = [self.chat_text(r.messages) for r in requests]
+        images = [r.image for r in requests if r.image is not None]
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=sorted(self.eos_ids))
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+            torch.manual_seed(settings.seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        dt = time.perf_counter() - t0
+        prompt_len = inputs["input_ids"].shape[1]
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for i, row in enumerate(out[:, prompt_len:].tolist()):
+            n = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            results.append(GenResult(text=text, output_tokens=n, input_tokens=int(lengths[i]), seconds=dt))
+        return results

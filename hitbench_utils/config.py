@@ -1,0 +1,116 @@
+"""Run parameters: validated once, split into what changes answers (the fingerprint) and what does not."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import FORMAT_EXT, FORMATS, MODALITIES, QUESTION_TYPES, check_choice, file_sha256, parse_ids
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    modality: str = "text"
+    format: str = "html"
+    model: str = "tiny"
+    prompts: str | None = None
+    data_path: str | None = None          # None: the embedded sample dataset
+    qa_file: str = "QA_final.json"
+    image_dir: str | None = None          # None: <data_path>/image
+    run_dir: str | None = None            # None: runs/<model>_<modality>[_<format>][_<qa stem>]
+    resume: bool = True
+    overwrite: bool = False
+    batch_size: int = 4
+    token_budget: int | None = None
+    max_input_tokens: int = 100_000
+    max_new_tokens: int | None = None     # None: 1024, or the tiny model's cap of 32
+    temperature: float = 0.0
+    top_p: float = 0.8
+    top_k: int = 20
+    seed: int = 0
+    limit: int | None = None
+    ids: Any = None
+    question_type: Any = None
+    max_attempts: int = 3
+    max_reasks: int = 2
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+    score: bool = True
+    chart_timeout: float = 20.0
+    judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "RunConfig":
+        check_choice("modality", self.modality, MODALITIES)
+        if self.modality != "image":
+            check_choice("format", self.format, FORMATS)
+        for name in ("batch_size", "max_input_tokens", "max_attempts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, v, "an integer ≥ 1")
+        if not isinstance(self.max_reasks, int) or self.max_reasks < 0:
+            raise ConfigError("max_reasks", self.max_reasks, "an integer ≥ 0")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ConfigError("max_new_tokens", self.max_new_tokens, "None or an integer ≥ 1")
+        if self.temperature < 0:
+            raise ConfigError("temperature", self.temperature, "0 (greedy) or a positive number")
+        self.ids = parse_ids(self.ids)
+        if isinstance(self.question_type, str) and self.question_type.startswith("["):
+            self.question_type = json.loads(self.question_type)
+        for t in ([self.question_type] if isinstance(self.question_type, str) else self.question_type or []):
+            check_choice("question_type", t, QUESTION_TYPES)
+        if self.overwrite and self.resume:
+            raise ConfigError("overwrite", True, "only with resume=False", "pass -p resume False -p overwrite True")
+        return self
+
+    @property
+    def fmt(self) -> str | None:
+        """The text format, or None for the image modality (no table text is sent)."""
+        return None if self.modality == "image" else self.format
+
+    def model_label(self) -> str:
+        return "tiny" if self.model == "tiny" else Path(self.model.rstrip("/")).name
+
+    def default_run_dir(self, runs_root: str | os.PathLike | None = None) -> Path:
+        root = Path(runs_root or os.environ.get("HITBENCH_RUNS") or "runs")
+        name = f"{self.model_label()}_{self.modality}" + (f"_{self.format}" if self.fmt else "")
+        stem = Path(self.qa_file).stem
+        if stem != "QA_final":
+            name += f"_{stem}"
+        return root / name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def data_fingerprint(data_path: Path, qa_path: Path, fmt: str | None) -> dict:
+    """Hash of the QA file plus the names and sizes of the table files of this format (cheap, stable)."""
+    h = hashlib.sha256()
+    if fmt:
+        folder = data_path / fmt
+        if folder.is_dir():
+            for e in sorted(os.scandir(folder), key=lambda e: e.name):
+                if e.name.endswith("." + FORMAT_EXT[fmt]):
+                    h.update(f"{e.name}\0{e.stat().st_size}\n".encode())
+    return {"qa_sha256": file_sha256(qa_path)[:16], "tables_sha256": h.hexdigest()[:16]}
+
+
+def fingerprint(cfg: RunConfig, *, model_identity: dict, templates_sha: str, data: dict,
+                max_new_tokens: int, dtype: str) -> dict:
+    """What changes answers. Leaves out batch_size, limit, ids, run_dir, resume and the device."""
+    return {
+        "model": model_identity, "modality": cfg.modality, "format": cfg.fmt, "qa_file": Path(cfg.qa_file).name,
+        "data": data, "prompts_sha256": templates_sha[:16], "max_input_tokens": cfg.max_input_tokens,
+        "generation": {"max_new_tokens": max_new_tokens, "temperature": cfg.temperature,
+                       "top_p": cfg.top_p if cfg.temperature > 0 else None,
+                       "top_k": cfg.top_k if cfg.temperature > 0 else None, "seed": cfg.seed,
+                       "max_reasks": cfg.max_reasks},
+        "attn_implementation": cfg.attn_implementation, "dtype": dtype,
+    }

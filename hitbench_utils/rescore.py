@@ -1,0 +1,56 @@
+"""Recompute every score of a run folder from its stored outputs, without a model.
+
+Rescored records are appended to the log with the same ``attempt`` number and a ``rescored_at`` time,
+so the view shows the new scores while attempts and history stay intact; results.json is rewritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .runlog import RunLock, RunLog, read_log, view
+
+SCORE_KEYS = ("scores", "score_status", "score_error")
+
+
+def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: bool = False, judge=None,
+                chart_timeout: float = 20, write: bool = True, data_path: str | None = None) -> dict:
+    from .scoring import rescore_records, scoring_provenance
+
+    run_dir = Path(run_dir)
+    contents = read_log(run_dir)
+    if contents.header is None:
+        raise FileNotFoundError(f"{run_dir} holds no run (no samples.jsonl header). Fix: pass a run folder")
+    data_path = data_path or contents.header.get("data_path")
+    latest = list(view(contents.records).values())
+    t0 = time.time()
+    new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts"), judge=judge,
+                          chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers)
+    changed = [(a, b) for a, b in zip(latest, new) if any(a.get(k) != b.get(k) for k in SCORE_KEYS)]
+    report = {"run_dir": str(run_dir), "records": len(latest), "changed": len(changed), "seconds": round(time.time() - t0, 2),
+              "changed_ids": [b["id"] for _, b in changed][:50], "provenance": scoring_provenance(chart_compat=chart_compat, judge=judge)}
+    if write and changed:
+        with RunLock(run_dir):
+            log = RunLog.open(run_dir, contents.header, resume=True)
+            for _, b in changed:
+                log.append(dict(b, rescored_at=time.time()))
+            log.close()
+    if write:
+        from .status import summarize, write_results
+
+        results = run_dir / "results.json"
+        prev = json.loads(results.read_text()) if results.is_file() else {}
+        write_results(run_dir, config=prev.get("config", contents.header.get("config", {})), summary=summarize(run_dir),
+                      seconds=0.0, backend_info=prev.get("backend"), scoring=report["provenance"])
+    return report
+
+
+def format_rescore(r: dict) -> str:
+    lines = [f"rescored {r['records']} records in {r['seconds']} s: {r['changed']} changed"]
+    if r["changed_ids"]:
+        lines.append("changed ids: " + ", ".join(map(str, r["changed_ids"])))
+    lines.append(f"chart mode: {r['provenance']['chart_mode']}; libraries: "
+                 + ", ".join(f"{k} {v}" for k, v in r["provenance"]["library_versions"].items()))
+    return "\n".join(lines)

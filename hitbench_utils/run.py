@@ -1,0 +1,302 @@
+"""Orchestration: data → prompts → truncation → engine → run log (→ scoring).
+
+The notebook calls ``Job(config)`` then ``job.execute()``. Every sample ends as a record in the log:
+failures are data, never a crashed run. Work already done is skipped; errors are retried up to
+``max_attempts``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import data as D
+from .backends.base import GenRequest, GenSettings
+from .config import RunConfig, data_fingerprint, fingerprint
+from .engine import Engine
+from .errors import ConfigError, TruncationError
+from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask_text
+from .records import SCHEMA_VERSION, SampleRecord
+from .runlog import RunLock, RunLog, attempts, runnable
+from .status import summarize, write_plan
+
+log = logging.getLogger("hitbench")
+
+
+def load_backend(cfg: RunConfig):
+    """'tiny' builds (once) and loads the tiny model through the very same hf path as a real folder."""
+    from .backends.hf import HFBackend
+
+    path = cfg.model
+    if cfg.model == "tiny":
+        from .backends.tiny import tiny_model_dir
+
+        path = str(tiny_model_dir())
+    return HFBackend(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, device=cfg.device)
+
+
+@dataclass
+class Prepared:
+    record: SampleRecord
+    prompt: Prompt
+    table: str = ""
+    image: Any = None
+    request: GenRequest | None = None
+
+
+@dataclass
+class Job:
+    config: RunConfig
+    backend: Any = None                 # inject a backend (tests, fault wrappers); else built from config
+    runs_root: str | None = None
+    progress: bool = True
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.config.validate()
+        if cfg.data_path in (None, "", "sample"):
+            from .sample_data import ensure_sample_dataset
+
+            cfg.data_path = str(ensure_sample_dataset())
+        self.data_path = Path(cfg.data_path)
+        if not self.data_path.is_dir():
+            raise ConfigError("data_path", cfg.data_path, "a RealHiTBench folder (with QA_final.json and html/, latex/ ...)",
+                              "pass -p data_path $(../shared/bin/realhitbench), or leave it out for the sample")
+        self.image_dir = Path(cfg.image_dir) if cfg.image_dir else self.data_path / "image"
+        self.qa_path = D.resolve_qa_file(self.data_path, cfg.qa_file)
+        self.queries = D.select(D.load_queries(self.qa_path), ids=cfg.ids, limit=cfg.limit,
+                                question_type=cfg.question_type)
+        self.templates = load_templates(cfg.prompts)
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else cfg.default_run_dir(self.runs_root)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _identity(self) -> tuple[dict, int, str]:
+        from .backends.hf import model_identity
+
+        if self.backend is not None:
+            ident = getattr(self.backend, "identity", {"path": getattr(self.backend, "name", "custom")})
+            dtype = getattr(self.backend, "info", {}).get("dtype", self.config.dtype)
+            default_new = getattr(self.backend, "default_max_new_tokens", 1024)
+        else:
+            if self.config.model == "tiny":
+                from .backends.tiny import TINY_MAX_NEW_TOKENS, tiny_model_dir
+
+                ident, default_new = model_identity(tiny_model_dir()), TINY_MAX_NEW_TOKENS
+            else:
+                ident, default_new = model_identity(self.config.model), 1024
+            dtype = self.config.dtype
+            if dtype == "auto":
+                from .backends.hf import resolve_device
+
+                dtype = "bfloat16" if resolve_device(self.config.device).startswith("cuda") else "float32"
+        return ident, self.config.max_new_tokens or default_new, dtype
+
+    def header(self) -> dict:
+        ident, max_new, dtype = self._identity()
+        self.settings = GenSettings(max_new, self.config.temperature, self.config.top_p, self.config.top_k, self.config.seed)
+        fp = fingerprint(self.config, model_identity=ident, templates_sha=self.templates.sha256,
+                         data=data_fingerprint(self.data_path, self.qa_path, self.config.fmt),
+                         max_new_tokens=max_new, dtype=dtype)
+        from . import __version__
+
+        return {"type": "header", "schema": SCHEMA_VERSION, "hitbench_version": __version__, "fingerprint": fp,
+                "created": time.time(), "data_path": str(self.data_path), "image_dir": str(self.image_dir),
+                "qa_path": str(self.qa_path), "prompts": self.templates.source, "templates": self.templates.data,
+                "config": {k: v for k, v in self.config.to_dict().items() if k not in ("ids",)}}
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        cfg, t_start = self.config, time.time()
+        header = self.header()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir):
+            handler = _attach_file_log(self.run_dir)
+            try:
+                runlog = RunLog.open(self.run_dir, header, resume=cfg.resume, overwrite=cfg.overwrite)
+                for n, why in runlog.contents.bad_lines:
+                    log.warning("samples.jsonl line %d skipped: %s (records after it are kept)", n, why)
+                write_plan(self.run_dir, [q.id for q in self.queries], cfg.max_attempts)
+                todo_ids = runnable([q.id for q in self.queries], runlog.contents.records, cfg.max_attempts)
+                done = len(self.queries) - len(todo_ids)
+                log.info("run %s: %d queries, %d already done, %d to run", self.run_dir, len(self.queries), done, len(todo_ids))
+                if todo_ids:
+                    self._run_ids(runlog, set(todo_ids))
+                runlog.close()
+                summary = summarize(self.run_dir)
+                self._write_results(summary, time.time() - t_start)
+                log.info("%s", summary["verdict"])
+                return summary
+            finally:
+                logging.getLogger("hitbench").removeHandler(handler)
+                handler.close()
+
+    def _run_ids(self, runlog: RunLog, todo: set[int]) -> None:
+        from tqdm.auto import tqdm
+
+        if self.backend is None:
+            log.info("loading model %s (attn=%s, dtype=%s)", self.config.model, self.config.attn_implementation, self.config.dtype)
+            self.backend = load_backend(self.config)
+        engine = Engine(self.backend, self.config.batch_size, self.config.token_budget)
+        tries = attempts(runlog.contents.records)
+        queries = [q for q in self.queries if q.id in todo]
+        chunk = max(32, 8 * self.config.batch_size)
+        bar = tqdm(total=len(queries), desc=f"{self.config.modality}_{self.config.fmt or 'png'}", disable=not self.progress)
+        for i in range(0, len(queries), chunk):
+            prepared = [self._prepare(q, tries.get(q.id, 0) + 1) for q in queries[i:i + chunk]]
+            for rec in self._generate(engine, prepared):
+                t0 = time.perf_counter()
+                self._score(rec)
+                rec.score_s = round(time.perf_counter() - t0, 6)
+                runlog.append(rec.to_dict())
+                bar.update(1)
+        bar.close()
+
+    def _prepare(self, q: D.Query, attempt: int) -> Prepared:
+        """Read inputs, build and truncate the prompt; a failure here is already the record."""
+        rec = SampleRecord.start(q, attempt)
+        t0 = time.perf_counter()
+        p = Prepared(rec, build_prompt(self.templates, q, self.config.modality, self.config.fmt or "html", ""))
+        try:
+            if self.config.fmt:
+                p.table = D.read_table(self.data_path, self.config.fmt, q.file_name)
+            if self.config.modality in ("image", "mix"):
+                p.image = D.load_image(self.image_dir, q.file_name)
+                rec.image_size = rec.image_size_sent = list(p.image.size)
+                rec.image_tokens = self.backend.image_tokens(p.image)
+            p.request = GenRequest(q.id, self._fit(p), p.image, rec.input_tokens_sent)
+        except Exception as e:  # noqa: BLE001
+            rec.fail(e)
+        rec.prepare_s = time.perf_counter() - t0
+        return p
+
+    def _fit(self, p: Prepared) -> list[dict]:
+        """Truncate the table so the whole prompt (+ the re-ask reminder) is ≤ max_input_tokens."""
+        from .truncation import truncate_table
+
+        limit, rec, be = self.config.max_input_tokens, p.record, self.backend
+        base = be.count_tokens(p.prompt.messages(table=""), p.image)
+        reserve = (be.count_tokens(p.prompt.messages(table="", reask=reask_text(self.templates)), p.image) - base
+                   if self.config.max_reasks else 0)
+        if not p.table:
+            rec.input_tokens_original = rec.input_tokens_sent = base
+            if base + reserve > limit:
+                raise TruncationError(f"the prompt (image included) is {base + reserve:,} tokens, over "
+                                      f"max_input_tokens={limit:,}; lower max_pixels or raise the limit")
+            return p.prompt.messages()
+        budget = limit - base - reserve
+        if budget <= 0:
+            raise TruncationError(f"instructions, question and image alone take {base + reserve:,} tokens, over "
+                                  f"max_input_tokens={limit:,}; nothing is left for the table")
+        for _ in range(4):  # BPE merges across the table's edges can add a token or two: re-cut tighter
+            cut = truncate_table(p.table, self.config.fmt, budget=budget, tokenizer=be.tokenizer)
+            msgs = p.prompt.messages(table=cut.text)
+            sent = be.count_tokens(msgs, p.image)
+            if sent + reserve <= limit:
+                break
+            budget -= sent + reserve - limit
+        else:
+            raise TruncationError(f"could not bring the prompt under max_input_tokens={limit:,} (last try {sent:,})")
+        rec.input_tokens_original = sent if not cut.truncated else base + cut.tokens_original
+        rec.input_tokens_sent, rec.truncated, rec.rows_dropped = sent, cut.truncated, cut.rows_dropped
+        if cut.truncated:
+            log.warning("TRUNCATED id=%s %s %s: %s -> %s tokens (max_input_tokens=%s), %s of %s rows dropped",
+                        rec.id, self.config.fmt, rec.file_name, f"{rec.input_tokens_original:,}", f"{sent:,}",
+                        f"{limit:,}", f"{cut.rows_dropped:,}", f"{cut.rows_total:,}")
+        return msgs
+
+    def _generate(self, engine: Engine, prepared: list[Prepared]) -> list[SampleRecord]:
+        live = {p.record.id: p for p in prepared if p.request is not None}
+        pending = [p.request for p in live.values()]
+        reask = reask_text(self.templates)
+        for round_ in range(self.config.max_reasks + 1):
+            retry = []
+            for req, res, steps in engine.run(pending, self.settings):
+                p = live[req.key]
+                rec, viz = p.record, p.record.question_type == "Visualization"
+                rec.degraded += [s for s in steps if s not in rec.degraded]
+                if isinstance(res, BaseException):
+                    rec.fail(res)
+                    rec.tried = [f"round {round_}"] + steps
+                    continue
+                rec.generate_s += res.seconds
+                rec.response, rec.output_tokens = res.text, res.output_tokens
+                rec.prediction, rec.answer_format_ok = extract_answer(res.text, viz)
+                rec.reasks = round_
+                if not rec.answer_format_ok and round_ < self.config.max_reasks:
+                    retry.append(GenRequest(req.key, _with_reask(req.messages, reask), p.image, req.input_tokens))
+            if not retry:
+                break
+            pending = retry
+        for p in prepared:   # the sample's own cost: its preparation plus its share of each batch
+            p.record.latency_s = round(p.record.prepare_s + p.record.generate_s, 6)
+        return [p.record for p in prepared]
+
+    def judge(self):
+        """The LLM judge for Summary/Anomaly Analysis, when one is configured (else they stay unscored)."""
+        if not (self.config.judge_base_url and self.config.judge_model):
+            return None
+        if not hasattr(self, "_judge"):
+            from .scoring import Judge
+
+            self._judge = Judge(self.config.judge_base_url, self.config.judge_model,
+                                api_key_env=self.config.judge_api_key_env,
+                                cache_path=str(self.run_dir / "judge_cache.jsonl"))
+        return self._judge
+
+    def _score(self, rec: SampleRecord) -> None:
+        if not self.config.score:
+            return
+        try:
+            from .scoring import score_record
+
+            out = score_record(rec.to_dict(), xlsx_path=str(D.xlsx_path(self.data_path, rec.file_name)),
+                               artifacts_dir=str(self.run_dir / "charts"), chart_timeout=self.config.chart_timeout,
+                               judge=self.judge())
+            rec.scores, rec.score_status, rec.score_error = out["scores"], out["score_status"], out.get("score_error")
+            rec.score_detail = out.get("score_detail")
+        except Exception as e:  # noqa: BLE001 - the answer is never lost to a scoring failure
+            rec.score_status, rec.score_error = "error", f"{type(e).__name__}: {e}"
+
+    def _write_results(self, summary: dict, seconds: float) -> None:
+        from .status import write_results
+
+        scoring = None
+        if self.config.score:
+            from .scoring import scoring_provenance
+
+            scoring = scoring_provenance(chart_compat=False, judge=self.judge())
+        write_results(self.run_dir, config=self.config.to_dict(), summary=summary, seconds=seconds,
+                      backend_info=getattr(self.backend, "info", None), scoring=scoring)
+
+
+def _with_reask(messages: list[dict], reask: str) -> list[dict]:
+    """The same (already truncated) prompt with the reminder appended to the user turn."""
+    out = json.loads(json.dumps(messages))
+    out[-1]["content"][-1]["text"] += reask
+    return out
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    lg = logging.getLogger("hitbench")
+    lg.setLevel(logging.INFO)
+    lg.addHandler(h)
+    if not any(isinstance(x, logging.StreamHandler) and not isinstance(x, logging.FileHandler) for x in lg.handlers):
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        lg.addHandler(sh)
+    return h
+
+
+def run(**params: Any) -> dict:
+    """One call: ``run(modality='text', format='html', ...)`` → the status summary of the run folder."""
+    progress = params.pop("progress", True)
+    runs_root = params.pop("runs_root", None)
+    backend = params.pop("backend", None)
+    job = Job(RunConfig(**params), backend=backend, runs_root=runs_root, progress=progress)
+    return job.execute()

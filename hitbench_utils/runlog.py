@@ -1,0 +1,222 @@
+"""The run folder's append-only sample log, its header fingerprint, the view, the lock (no torch).
+
+samples.jsonl: line 1 is ``{"type": "header", ...}``; every other line is one flat record per attempt,
+fsync'd. The view keeps the latest record per id. A torn last line (kill -9 mid-write) is cut off
+before appending; a garbage line in the middle is reported with its number and skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import FingerprintMismatch, RunExistsError, RunLockedError, RunLogError
+
+LOG_NAME = "samples.jsonl"
+LOCK_NAME = ".lock"
+
+
+@dataclass
+class LogContents:
+    header: dict | None
+    records: list[dict]
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (1-based line number, reason)
+    torn_tail: bool = False
+
+
+def read_log(run_dir: str | os.PathLike) -> LogContents:
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        return LogContents(None, [])
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    torn = bool(lines[-1])      # no trailing newline: the last write was cut off (never counted, cut on append)
+    body = lines[:-1]
+    header, records, bad = None, [], []
+    for n, line in enumerate(body, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad.append((n, f"not JSON ({e})"))
+            continue
+        if n == 1 and isinstance(obj, dict) and obj.get("type") == "header":
+            header = obj
+        elif isinstance(obj, dict) and "id" in obj and "status" in obj:
+            records.append(obj)
+        else:
+            bad.append((n, "not a sample record"))
+    return LogContents(header, records, bad, torn)
+
+
+def view(records: Iterable[dict]) -> dict[int, dict]:
+    """Exactly one record per id: the latest."""
+    out: dict[int, dict] = {}
+    for r in records:
+        out[int(r["id"])] = r
+    return out
+
+
+def attempts(records: Iterable[dict]) -> dict[int, int]:
+    """Attempts made per id: the highest ``attempt`` seen (a rescored record repeats its attempt)."""
+    n: dict[int, int] = {}
+    for r in records:
+        i = int(r["id"])
+        n[i] = max(n.get(i, 0), int(r.get("attempt") or n.get(i, 0) + 1))
+    return n
+
+
+def runnable(ids: Iterable[int], records: list[dict], max_attempts: int) -> list[int]:
+    """Ids with no record, or whose latest record is an error with attempts left (ok ids are done)."""
+    latest, tries = view(records), attempts(records)
+    out = []
+    for i in ids:
+        r = latest.get(i)
+        if r is None or (r["status"] != "ok" and tries.get(i, 0) < max_attempts):
+            out.append(i)
+    return out
+
+
+def fingerprint_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    keys = set(old) | set(new)
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
+class RunLock:
+    """One writer per run folder: the lock names its owner; a dead owner's lock is taken over."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+
+    def owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def acquire(self) -> "RunLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self.owner()
+                if other is None or _stale(other):
+                    stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+                    try:
+                        os.rename(self.path, stale)
+                        stale.unlink()
+                    except OSError:
+                        pass
+                    continue
+                if other.get("pid") == me["pid"] and other.get("host") == me["host"]:
+                    raise RunLockedError(f"{self.path.parent} is already open for writing in this process. "
+                                         "Fix: close the first run (or use another run_dir)")
+                raise RunLockedError(
+                    f"{self.path.parent} is being written by pid {other.get('pid')} on host {other.get('host')} "
+                    f"since {time.ctime(other.get('since', 0))}. Fix: wait for it to finish, stop it, or, if that "
+                    f"process is gone, delete {self.path}")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}; another process keeps racing for it")
+
+    def release(self) -> None:
+        if self.held:
+            owner = self.owner()
+            if owner and owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _stale(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine: we cannot tell, so we never steal it
+    try:
+        os.kill(int(owner.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError):
+        return False
+    return False
+
+
+class RunLog:
+    """Writer for one run folder; open it with ``RunLog.open`` (which checks resume rules)."""
+
+    def __init__(self, run_dir: Path, header: dict, contents: LogContents) -> None:
+        self.run_dir, self.header, self.contents = run_dir, header, contents
+        self.path = run_dir / LOG_NAME
+        self._fd: int | None = None
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, header: dict, *, resume: bool = True, overwrite: bool = False) -> "RunLog":
+        run_dir = Path(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunLogError(f"cannot create run folder {run_dir}: {e}. Fix: choose a writable run_dir") from None
+        if not os.access(run_dir, os.W_OK):
+            raise RunLogError(f"run folder {run_dir} is not writable. Fix: fix its permissions or choose another run_dir")
+        contents = read_log(run_dir)
+        exists = contents.header is not None or contents.records
+        if exists and not resume:
+            if not overwrite:
+                raise RunExistsError(f"{run_dir} already holds a run ({len(contents.records)} records). Fix: pass "
+                                     "resume=True to continue it, or overwrite=True to move it aside and start afresh")
+            backup = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+            backup.mkdir()
+            for name in (LOG_NAME, "results.json", "checkpoint.json", "run.log"):
+                if (run_dir / name).exists():
+                    os.rename(run_dir / name, backup / name)
+            contents = LogContents(None, [])
+        elif exists and contents.header is not None:
+            diff = fingerprint_diff(contents.header.get("fingerprint", {}), header["fingerprint"])
+            if diff:
+                raise FingerprintMismatch(str(run_dir), diff)
+        elif exists:
+            raise RunLogError(f"{run_dir / LOG_NAME} has records but no header line. Fix: move it aside and start afresh")
+        log = cls(run_dir, contents.header or header, contents)
+        log._open_for_append(write_header=contents.header is None)
+        return log
+
+    def _open_for_append(self, write_header: bool) -> None:
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            keep = raw.rfind(b"\n") + 1
+            if keep < len(raw):      # cut a torn tail so the file stays valid JSONL
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if write_header:
+            self._write(self.header)
+
+    def _write(self, obj: dict) -> None:
+        data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        if self._fd is None:
+            raise RunLogError("the sample log is closed")
+        os.write(self._fd, data)
+        os.fsync(self._fd)
+
+    def append(self, record: dict) -> None:
+        self._write(record)
+        self.contents.records.append(record)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,340 @@
+"""The chart fork server: ``python -m hitbench_utils.scoring.chart_server``.
+
+Starting Python and importing pandas + matplotlib costs about a second, so one long-lived server
+pays it once and forks a fresh child per program (a few milliseconds). The server is single-threaded
+(an event loop over stdin, the children's result pipes and a SIGCHLD wake-up pipe), so forking is
+safe. Protocol: one JSON request per line on stdin, one JSON reply per line on stdout, matched by
+``id``; ``{"type": "ready", ...}`` once warmed up; EOF on stdin (or SIGTERM) shuts it down.
+
+Per program the server makes a fresh working folder holding a copy of the xlsx (the sandbox uid may
+not be able to read the original, and must not be able to change it), forks the child
+(``chart_child``), enforces the wall timeout by killing the child's process group and — for a
+dedicated uid — every process of that uid, writes the PNG/series artifacts, and removes the folder.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+
+MAX_RESULT_BYTES = 256 << 20
+
+
+def _temp_root() -> str:
+    """Where working folders go: the temp folder, unless its path could break a string literal in
+    the rewritten program (the xlsx path is pasted into quotes)."""
+    root = tempfile.gettempdir()
+    return root if re.fullmatch(r"[A-Za-z0-9._/-]+", root) else "/tmp"
+
+
+def _remove_stale_folders() -> None:
+    """Remove the working folders of servers that were killed before they could clean up."""
+    root = _temp_root()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if name.startswith("hitbench-charts-") and len(parts) == 4 and parts[2].isdigit():
+            path = os.path.join(root, name)
+            try:
+                if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{parts[2]}"):
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                continue
+
+
+class Server:
+    def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto") -> None:
+        from hitbench_utils.scoring import chart_child, sandbox
+
+        self.child, self.sandbox = chart_child, sandbox
+        self.max_children = max_children
+        self.queue: deque = deque()
+        self.running: dict[int, dict] = {}
+        self.closing = False
+        _remove_stale_folders()
+        self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=_temp_root())
+        os.chmod(self.base, 0o711)  # sandbox uids may enter their own folder, not list others
+        self.root = os.geteuid() == 0
+        self.uids = sandbox.UidPool(uid_base, max_children) if self.root else None
+        landlock = sandbox.landlock_abi()
+        if not self.root:
+            self.mode = "user"
+        elif mode == "auto":
+            self.mode = sandbox.choose_root_mode(self.uids.free[0] if self.uids.free else 65534, landlock)
+        else:
+            self.mode = mode
+        with open("/proc/self/status") as fh:
+            vm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
+        self.ctx = {"landlock": landlock, "mode": self.mode, "vm_bytes": vm_kb * 1024,
+                    "memory_bytes": memory_mb << 20}
+        self.out_fd = os.dup(1)  # replies go here; stray library prints go to /dev/null
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+        self.sel = selectors.DefaultSelector()
+        os.set_blocking(0, False)
+        self.sel.register(0, selectors.EVENT_READ, "stdin")
+        self.inbuf = b""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel.register(wake_r, selectors.EVENT_READ, "wake")
+        ctypes.CDLL(None).prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to us
+        self.test_error = self.self_test()
+
+    def self_test(self) -> str | None:
+        """Contain a trivial program once; if Landlock cannot be applied here, go on without it
+        (and leave 'nocaps', which needs it). Returns the error that remains, or None."""
+        error = self._contain_once()
+        if error and self.ctx["landlock"]:
+            self.ctx["landlock"] = 0
+            if self.mode == "nocaps":
+                self.mode = self.ctx["mode"] = "uid"
+            error = self._contain_once()
+        return error
+
+    def _contain_once(self) -> str | None:
+        uid = (self.uids.free[0] if self.uids.free else 65534) if self.mode == "uid" else None
+        return self.child.self_test(self.base, uid, self.ctx)
+
+    def _on_term(self, *_: object) -> None:
+        self.closing = True
+
+    def info(self) -> dict:
+        return {"mode": self.mode, "root": self.root, "self_test_error": self.test_error,
+                "dedicated_uids": self.mode == "uid" and bool(self.uids.free),
+                "landlock_abi": self.ctx["landlock"], "max_children": self.max_children,
+                "memory_mb": self.ctx["memory_bytes"] >> 20, "pid": os.getpid()}
+
+    def reply(self, obj: dict) -> None:
+        self.child.send(self.out_fd, obj, newline=True)
+
+    # ---- requests -------------------------------------------------------------------------
+    def read_stdin(self) -> None:
+        try:
+            data = os.read(0, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.closing = True
+            return
+        self.inbuf += data
+        *lines, self.inbuf = self.inbuf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(req, dict):
+                continue
+            if req.get("type") == "shutdown":
+                self.closing = True
+            elif req.get("type") == "info":
+                self.reply({"type": "info", "id": req.get("id"), **self.info()})
+            else:
+                self.queue.append(req)
+
+    def start(self, req: dict) -> None:
+        job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": req.get("code", ""),
+               "chart_type": req.get("chart_type", ""), "compat": bool(req.get("compat")),
+               "render": bool(req.get("artifacts_dir")), "artifacts_dir": req.get("artifacts_dir"),
+               "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None,
+               "dedicated": False, "buf": bytearray(), "eof": False, "status": None, "timed_out": False}
+        if self.mode == "uid":
+            uid = self.uids.take()
+            job["uid"], job["dedicated"] = (uid, True) if uid is not None else (65534, False)
+        try:
+            job["workdir"] = workdir = tempfile.mkdtemp(dir=self.base)
+            src = req["xlsx"]
+            name = os.path.basename(src)  # keep the table's name, unless it could break a string literal
+            name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
+            job["xlsx_copy"] = dst = os.path.join(workdir, name)
+            shutil.copyfile(src, dst)
+            if job["uid"] is not None:
+                os.chown(workdir, job["uid"], job["uid"])
+                os.chown(dst, job["uid"], job["uid"])
+            os.chmod(workdir, 0o700)
+        except (OSError, KeyError) as exc:
+            self.cleanup(job)
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "missing_input": True,
+                        "error": f"cannot copy the xlsx into the sandbox: {exc}"})
+            return
+        r, w = os.pipe()
+        job["started"] = time.monotonic()
+        job["deadline"] = job["started"] + job["timeout"]
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (r, w):
+                os.close(fd)
+            self.cleanup(job)
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "infra_error": True,
+                        "error": f"cannot fork the program's process: {exc}"})
+            return
+        if pid == 0:  # child: never returns
+            os.close(r)
+            self.child.run_child(job, w, self.ctx)
+        os.close(w)
+        os.set_blocking(r, False)
+        job["pid"], job["fd"] = pid, r
+        self.running[pid] = job
+        self.sel.register(r, selectors.EVENT_READ, pid)
+
+    # ---- children -------------------------------------------------------------------------
+    def read_child(self, job: dict) -> None:
+        while not job["eof"]:
+            try:
+                data = os.read(job["fd"], 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                job["eof"] = True
+                self.sel.unregister(job["fd"])
+                os.close(job["fd"])
+                return
+            if job.get("too_large"):
+                continue
+            job["buf"] += data
+            if len(job["buf"]) > MAX_RESULT_BYTES:
+                job["too_large"] = True
+                job["buf"] = bytearray(b'{"ECR": false, "error": "the program\'s result is too large"}')
+                self.kill(job)
+
+    def kill(self, job: dict, timed_out: bool = False) -> None:
+        """SIGKILL the child's process group, then (dedicated uid) every process of its uid."""
+        job["timed_out"] = job["timed_out"] or timed_out
+        targets = [lambda: os.killpg(job["pid"], signal.SIGKILL)]
+        if job["status"] is None:  # not reaped yet, so the pid is still ours (before setsid, no group)
+            targets.append(lambda: os.kill(job["pid"], signal.SIGKILL))
+        for target in targets:
+            try:
+                target()
+            except OSError:
+                pass
+        if job["dedicated"]:
+            self.sandbox.sweep_uid(job["uid"])
+        if job["status"] is None:
+            try:
+                _, job["status"] = os.waitpid(job["pid"], 0)
+            except ChildProcessError:
+                job["status"] = 0
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            job = self.running.get(pid)
+            if job is not None and job["status"] is None:
+                job["status"] = status
+
+    def finish(self, job: dict) -> None:
+        self.kill(job)  # the child has exited: clear its group and any escapees before reading the rest
+        self.read_child(job)
+        if not job["eof"]:
+            self.sel.unregister(job["fd"])
+            os.close(job["fd"])
+        del self.running[job["pid"]]
+        result = {"type": "result", "id": job["id"], "ECR": False, "error": None, "series": None,
+                  "duration_s": round(time.monotonic() - job["started"], 3)}
+        if job["timed_out"]:
+            result["error"] = f"timeout: the program ran longer than {job['timeout']:g} s"
+        else:
+            try:
+                result.update(json.loads(bytes(job["buf"])))
+            except ValueError:
+                result["error"] = self.child.describe_exit(job["status"])
+        png = result.pop("png", None)
+        if job["artifacts_dir"] and not result.get("infra_error"):
+            result["artifacts"] = self.child.write_artifacts(job, result, png)
+        self.cleanup(job)
+        self.reply(result)
+
+    def cleanup(self, job: dict) -> None:
+        if job.get("workdir"):
+            shutil.rmtree(job["workdir"], ignore_errors=True)
+        if job["dedicated"]:
+            self.uids.give(job["uid"])
+
+    # ---- loop -----------------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            while self.queue and len(self.running) < self.max_children and not self.closing:
+                req = self.queue.popleft()
+                try:
+                    self.start(req)
+                except (TypeError, ValueError) as exc:  # a malformed request must not stop the server
+                    self.reply({"type": "result", "id": req.get("id"), "ECR": False, "infra_error": True,
+                                "error": f"bad request: {exc}"})
+            if self.closing:
+                for job in list(self.running.values()):
+                    job["timed_out"] = True
+                    self.kill(job)
+                    self.running.pop(job["pid"], None)
+                    self.cleanup(job)
+                break
+            now = time.monotonic()
+            deadlines = [j["deadline"] for j in self.running.values()]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            for key, _ in self.sel.select(timeout):
+                if key.data == "stdin":
+                    self.read_stdin()
+                elif key.data == "wake":
+                    try:
+                        os.read(key.fd, 4096)
+                    except BlockingIOError:
+                        pass
+                elif key.data in self.running:
+                    self.read_child(self.running[key.data])
+            self.reap()
+            now = time.monotonic()
+            for job in list(self.running.values()):
+                if job["status"] is None and now >= job["deadline"]:
+                    self.kill(job, timed_out=True)
+                if job["status"] is not None:
+                    self.finish(job)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-children", type=int, default=max(2, os.cpu_count() or 2))
+    parser.add_argument("--memory-mb", type=int, default=4096, help="address space per program, on top of the server's")
+    parser.add_argument("--uid-base", type=int, default=52000, help="first uid tried for sandbox slots (when root)")
+    parser.add_argument("--sandbox", choices=("auto", "uid", "nocaps"), default="auto",
+                        help="as root: drop to a sandbox uid, or stay uid 0 without capabilities (auto: probe)")
+    args = parser.parse_args(argv)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = "1"  # no thread pools: children run under RLIMIT_NPROC
+    os.environ["MPLBACKEND"] = "Agg"
+    from hitbench_utils.scoring.chart_child import warm_up
+
+    versions = warm_up()
+    server = Server(args.max_children, args.memory_mb, args.uid_base, args.sandbox)
+    gc.collect()
+    gc.freeze()  # keep the warmed heap shared copy-on-write with every child
+    server.reply({"type": "ready", "versions": versions, "sandbox": server.info()})
+    server.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Containment for one chart program, applied inside the forked child before the program runs.
+
+Layers, each cheap and each covering a hole the others leave:
+- rlimits (CPU seconds, address space, open files, processes, file size, no core dumps);
+- a seccomp filter that refuses fork/vfork/clone/clone3, so no process or thread can be started
+  (root is exempt from RLIMIT_NPROC, whatever its capabilities), and sockets, io_uring, ptrace,
+  namespaces, mounts, keyrings, BPF and module loading;
+- when the server runs as root, a dedicated unprivileged uid/gid: root ignores RLIMIT_NPROC and can
+  write anywhere, a throwaway uid cannot. Each concurrent slot gets its own uid that no passwd entry
+  and no running process uses, so "kill every process of this uid" is a safe sweep for escapees
+  (``setsid`` + fork) — it is never done with a shared uid or our own. When such a uid cannot read
+  the Python installation (a pyenv under a mode-700 /root), the child instead stays uid 0 with every
+  capability dropped for good, and Landlock is required;
+- Landlock (Linux >= 5.13, no privileges needed), when the kernel has it: writes only inside the
+  working folder (and /dev/null), no execve, no TCP, and (ABI >= 6) no signals or abstract sockets
+  outside the sandbox. World-writable places such as /tmp are only protected by this layer.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import resource
+import signal
+import time
+
+__all__ = ["landlock_abi", "apply_limits", "restrict_filesystem", "drop_privileges", "drop_capabilities",
+           "install_seccomp", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_CREATE, _SYS_ADD_RULE, _SYS_RESTRICT = 444, 445, 446  # x86-64 and aarch64 share these numbers
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+_PR_SET_SECUREBITS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 28, 24, 47, 4
+PR_SET_CHILD_SUBREAPER = 36
+
+# Landlock filesystem rights (uapi/linux/landlock.h), by the ABI that introduced them.
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_WRITE_ABI1 = sum(1 << i for i in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make_*
+_FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
+    try:
+        abi = _libc.syscall(_SYS_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    except Exception:
+        return 0
+    return max(int(abi), 0)
+
+
+def apply_limits(cpu_s: int, memory_bytes: int, nofile: int = 128, nproc: int = 1,
+                 fsize_bytes: int = 256 << 20) -> None:
+    """Set hard and soft rlimits for this process and everything it starts.
+
+    RLIMIT_NPROC counts every process (and thread) of the real uid; 1 means the program can start
+    none at all, whichever uid it runs as, so a fork bomb stops at its first fork."""
+    for res, value in (
+        (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_NPROC, nproc),
+        (resource.RLIMIT_FSIZE, fsize_bytes), (resource.RLIMIT_CORE, 0),
+    ):
+        soft, hard = resource.getrlimit(res)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        # CPU: soft limit sends SIGXCPU, the hard one a second later SIGKILL.
+        resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
+
+
+def restrict_filesystem(workdir: str, abi: int) -> None:
+    """Landlock: writes only beneath ``workdir`` (and to /dev/null); no exec, no TCP, no signals out."""
+    handled_fs = _FS_EXECUTE | _FS_WRITE_ABI1
+    if abi >= 2:
+        handled_fs |= _FS_REFER
+    if abi >= 3:
+        handled_fs |= _FS_TRUNCATE
+    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
+    attr = (ctypes.c_uint64 * 3)(handled_fs, handled_net, scoped)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = _libc.syscall(_SYS_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    try:
+        dir_rights = handled_fs & ~_FS_EXECUTE
+        file_rights = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
+        for path, rights in ((workdir, dir_rights), ("/dev/null", file_rights)):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = (ctypes.c_uint8 * 12)()  # packed {u64 allowed_access; s32 parent_fd}
+                ctypes.memmove(rule, ctypes.byref(ctypes.c_uint64(rights)), 8)
+                ctypes.memmove(ctypes.addressof(rule) + 8, ctypes.byref(ctypes.c_int32(fd)), 4)
+                if _libc.syscall(_SYS_ADD_RULE, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
+            finally:
+                os.close(fd)
+        if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS) failed")
+        if _libc.syscall(_SYS_RESTRICT, ruleset, ctypes.c_uint32(0)) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    finally:
+        os.close(ruleset)
+
+
+# seccomp: no process or thread creation (EAGAIN, like RLIMIT_NPROC; root is exempt from that
+# limit whatever its capabilities), and no sockets, io_uring, ptrace, namespaces, mounts, keyrings,
+# BPF or module loading (EPERM). Chart programs need none of these.
+_SECCOMP = {
+    "x86_64": (0xC000003E, (56, 57, 58, 435),
+               (41, 53, 425, 101, 272, 308, 165, 321, 250, 248, 249, 323, 298, 311, 246, 175, 313)),
+    "aarch64": (0xC00000B7, (220, 435), (198, 199, 425, 117, 97, 268, 40, 280, 219, 217, 218)),
+}
+
+
+def install_seccomp() -> bool:
+    """Install the seccomp filter; False when this architecture is not known (nothing installed)."""
+    spec = _SECCOMP.get(os.uname().machine)
+    if spec is None:
+        return False
+    audit_arch, no_process, no_other = spec
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, eagain, eperm = 0x7FFF0000, 0x00050000 | 11, 0x00050000 | 1  # SECCOMP_RET_ALLOW / _ERRNO
+    denied = list(no_process) + list(no_other)
+    n = len(denied)
+    # Layout: arch check, load nr, x32 check, one JEQ per denied number, then ALLOW, EAGAIN, EPERM.
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, eperm),  # foreign ABI (int 0x80): no
+            (ld, 0, 0, 0), (jge, n + 2, 0, 0x40000000)]  # x32 syscalls on x86-64: EPERM
+    for i, nr in enumerate(denied):
+        to_allow = n - i - 1  # instructions between this one and ALLOW
+        prog.append((jeq, to_allow + 1 + (0 if i < len(no_process) else 1), 0, nr))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, eagain), (ret, 0, 0, eperm)]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(prog))(*[SockFilter(*ins) for ins in prog])
+    fprog = SockFprog(len(prog), filters)
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS) failed")
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(SET_SECCOMP) failed")
+    return True
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (no supplementary groups); verify root cannot come back."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise PermissionError("still root after dropping privileges")
+
+
+def drop_capabilities() -> None:
+    """Stay uid 0 but give up every capability for good (bounding set, securebits, capset).
+
+    Used as root when a sandbox uid cannot read the Python installation (e.g. it lives under a
+    mode-700 /root): without CAP_SYS_RESOURCE/CAP_SYS_ADMIN, RLIMIT_NPROC applies again, and without
+    CAP_DAC_OVERRIDE/CAP_KILL/CAP_SYS_PTRACE the process is an ordinary user. Landlock must then
+    guard writes, since uid 0 still owns root's files."""
+    libc = _libc
+    # NOROOT|NOROOT_LOCKED|NO_SETUID_FIXUP|NO_SETUID_FIXUP_LOCKED|KEEP_CAPS_LOCKED: no way back via exec.
+    if libc.prctl(_PR_SET_SECUREBITS, 0b101111, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(SET_SECUREBITS) failed")
+    with open("/proc/sys/kernel/cap_last_cap") as fh:
+        last = int(fh.read())
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(CAPBSET_DROP, {cap}) failed")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2 words): all zero
+    if libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    with open("/proc/self/status") as fh:
+        eff = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
+    if int(eff, 16) != 0:
+        raise PermissionError("capabilities still effective after dropping them")
+
+
+def uid_can_read(uid: int, paths: list[str]) -> bool:
+    """Whether ``uid`` can list each folder in ``paths`` (probed in a throwaway child)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for path in paths:
+                os.listdir(path)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def choose_root_mode(probe_uid: int, landlock: int) -> str:
+    """As root: 'uid' (drop to a sandbox uid) when that uid can read the Python installation, else
+    'nocaps' (stay uid 0 with no capabilities) — which needs Landlock >= 6, so that writes *and*
+    signals stay confined; without it, 'uid' anyway (lazy imports from unreadable folders then fail)."""
+    import pandas
+
+    stdlib = os.path.dirname(os.__file__)
+    needed = [stdlib, os.path.join(stdlib, "lib-dynload"), os.path.dirname(pandas.__path__[0])]
+    if uid_can_read(probe_uid, [p for p in needed if os.path.isdir(p)]) or landlock < 6:
+        return "uid"
+    return "nocaps"
+
+
+def _uids_in_use() -> set[int]:
+    used = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as fh:
+                    for line in fh:
+                        if line.startswith("Uid:"):
+                            used.update(int(x) for x in line.split()[1:])
+                            break
+            except OSError:
+                continue
+    return used
+
+
+class UidPool:
+    """Dedicated sandbox uids: one per running child, none with a passwd entry or a live process."""
+
+    def __init__(self, base: int, size: int) -> None:
+        used = _uids_in_use()
+        self.free: list[int] = []
+        for uid in range(base, base + 64 * size):
+            if len(self.free) >= size:
+                break
+            try:
+                pwd.getpwuid(uid)
+                continue  # a real account: never run untrusted code as it
+            except KeyError:
+                pass
+            if uid not in used:
+                self.free.append(uid)
+
+    def take(self) -> int | None:
+        return self.free.pop(0) if self.free else None
+
+    def give(self, uid: int) -> None:
+        self.free.append(uid)
+
+
+def sweep_uid(uid: int) -> None:
+    """Kill every process of a *dedicated* sandbox uid, escapees in other sessions included.
+
+    A helper child becomes that uid and calls kill(-1, SIGKILL), which reaches exactly the processes
+    that uid may signal: its own. Only call it with a uid from ``UidPool``.
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(20):
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.002)
+        finally:
+            os._exit(0)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,121 @@
+"""What a run folder says about itself: status, verdict, results.json, the seed-shaped checkpoint.
+
+Reads only the folder (no torch, no model), so ``python -m hitbench_utils status`` is instant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from .runlog import attempts, read_log, view
+
+PLAN = "plan.json"
+
+
+def write_plan(run_dir: str | os.PathLike, ids: list[int], max_attempts: int) -> None:
+    """The ids this run is meant to cover (limit/ids may change between invocations; the latest wins)."""
+    _atomic_json(Path(run_dir) / PLAN, {"ids": ids, "max_attempts": max_attempts, "written": time.time()})
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def summarize(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    contents = read_log(run_dir)
+    plan_path = run_dir / PLAN
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    latest, tries = view(contents.records), attempts(contents.records)
+    ids = plan.get("ids") or sorted(latest)
+    max_attempts = int(plan.get("max_attempts", 3))
+    recs = [latest[i] for i in ids if i in latest]
+    errors = Counter(r["status"] for r in recs if r["status"] != "ok")
+    permanent = [r["id"] for r in recs if r["status"] != "ok" and tries[int(r["id"])] >= max_attempts]
+    retryable = [r["id"] for r in recs if r["status"] != "ok" and tries[int(r["id"])] < max_attempts]
+    never = [i for i in ids if i not in latest]
+    s = {
+        "run_dir": str(run_dir), "total": len(ids), "ok": sum(r["status"] == "ok" for r in recs),
+        "errors": dict(sorted(errors.items())), "error_ids": {k: [r["id"] for r in recs if r["status"] == k] for k in errors},
+        "permanent_errors": permanent, "truncated": sum(bool(r.get("truncated")) for r in recs),
+        "degraded": sum(bool(r.get("degraded")) for r in recs),
+        "answer_format_failures": sum(r["status"] == "ok" and r.get("answer_format_ok") is False for r in recs),
+        "remaining": len(never) + len(retryable), "never_run": len(never), "retryable": len(retryable),
+        "attempts": sum(tries.values()), "bad_lines": contents.bad_lines, "torn_tail": contents.torn_tail,
+        "header": bool(contents.header), "extra_records": len(set(latest) - set(ids)),
+    }
+    if not contents.header and not contents.records:
+        s["verdict"] = f"empty: no run in {run_dir}"
+    elif s["remaining"]:
+        s["verdict"] = (f"incomplete: {s['remaining']} of {s['total']} remaining ({len(never)} never run, "
+                        f"{len(retryable)} errors to retry); resume to continue")
+    elif permanent:
+        s["verdict"] = f"complete with {len(permanent)} permanent errors"
+    else:
+        s["verdict"] = "complete"
+    return s
+
+
+def format_status(s: dict) -> str:
+    lines = [f"run folder:  {s['run_dir']}", f"total:       {s['total']}", f"ok:          {s['ok']}"]
+    errs = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
+    lines.append(f"errors:      {sum(s['errors'].values())} ({errs})")
+    for k, ids in s["error_ids"].items():
+        lines.append(f"  {k}: ids {', '.join(map(str, ids[:20]))}{' ...' if len(ids) > 20 else ''}")
+    lines += [f"truncated:   {s['truncated']}", f"degraded:    {s['degraded']}",
+              f"no final-answer line (ok, not retried): {s['answer_format_failures']}",
+              f"remaining:   {s['remaining']}"]
+    for n, why in s["bad_lines"]:
+        lines.append(f"warning: samples.jsonl line {n} skipped: {why}")
+    if s["torn_tail"]:
+        lines.append("note: the log ends in a torn line (an interrupted write); resume cuts it off")
+    lines.append(s["verdict"])
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | os.PathLike, *, config: dict, summary: dict, seconds: float,
+                  backend_info: dict | None = None, scoring: dict | None = None) -> dict:
+    """results.json: config, counts, aggregates per QuestionType and the time spent."""
+    run_dir = Path(run_dir)
+    recs = list(view(read_log(run_dir).records).values())
+    try:
+        from .scoring import aggregate
+
+        aggregates = aggregate(recs)
+    except Exception as e:  # noqa: BLE001 - results.json must still be written
+        aggregates = {"error": f"{type(e).__name__}: {e}"}
+    prev = {}
+    if (run_dir / "results.json").is_file():
+        try:
+            prev = json.loads((run_dir / "results.json").read_text())
+        except json.JSONDecodeError:
+            prev = {}
+    out = {"config": config, "backend": backend_info or prev.get("backend"), "summary": summary,
+           "scoring": scoring or prev.get("scoring"),
+           "aggregates": aggregates, "time": {"this_invocation_s": round(seconds, 3),
+                                              "total_s": round(prev.get("time", {}).get("total_s", 0) + seconds, 3),
+                                              "sample_latency_sum_s": round(sum(r.get("latency_s", 0) for r in recs), 3)},
+           "written": time.time()}
+    _atomic_json(run_dir / "results.json", out)
+    return out
+
+
+def export_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """checkpoint.json in the old scripts' shape: processed_ids holds successes only."""
+    run_dir = Path(run_dir)
+    latest = view(read_log(run_dir).records)
+    results = []
+    for i in sorted(latest):
+        r = latest[i]
+        pred = r.get("prediction") if r["status"] == "ok" else f"[ERROR] {r['status']}: {r.get('error')}"
+        results.append({"id": r["id"], "FileName": r.get("file_name"), "QuestionType": r.get("question_type"),
+                        "SubQType": r.get("sub_qtype"), "Question": r.get("question"), "Response": r.get("response"),
+                        "Prediction": pred, "ProcessedAnswer": r.get("reference"), "scores": r.get("scores", {})})
+    out = Path(path) if path else run_dir / "checkpoint.json"
+    _atomic_json(out, {"results": results, "processed_ids": [r["id"] for r in latest.values() if r["status"] == "ok"]})
+    return out
