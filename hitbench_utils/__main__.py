@@ -1,4 +1,4 @@
-"""Command line: status · grid · checkpoint · rescore · tiny · sample."""
+"""Command line: status · grid · checkpoint · rescore · tiny · sample · report."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--judge-model", default=None)
     r.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
     r.add_argument("--dry-run", action="store_true", help="compare only; write nothing")
+    rd = sub.add_parser("render", help="draw table PNGs from the xlsx (html fallback) for a dataset without images")
+    rd.add_argument("--data", required=True, help="the RealHiTBench folder (read only)")
+    rd.add_argument("--out", required=True, help="the image folder to write (pass it as image_dir to runs)")
+    rd.add_argument("--names", nargs="*", default=None, help="only these tables (file names without extension)")
+    rd.add_argument("--force", action="store_true", help="re-render images that already exist")
     sub.add_parser("tiny", help="build (once) the tiny random Qwen3-VL and print its folder")
     sp = sub.add_parser("sample", help="write (once) the embedded sample dataset and print its folder")
     sp.add_argument("--out", default=None)
+    rp = sub.add_parser("report", help="tables (csv, md, tex), PNG figures and an HTML page from run folders")
+    rp.add_argument("runs", nargs="+", help="run folders or globs")
+    rp.add_argument("--out", default="report", help="the output folder (default: report)")
     a = ap.parse_args(argv)
 
     if a.cmd == "status":
@@ -77,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
                                          write=not a.dry_run)))
         return 0
+    if a.cmd == "render":
+        from .render_all import render_dataset
+
+        r = render_dataset(a.data, a.out, names=a.names, force=a.force)
+        print(f"{r['tables']} tables: {r['rendered']} rendered, {r['skipped']} already there, {r['failed']} failed; "
+              f"manifest {r['manifest']}")
+        return 0 if not r["failed"] else 1
     if a.cmd == "tiny":
         from .backends.tiny import tiny_model_dir
 
@@ -86,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         from .sample_data import ensure_sample_dataset
 
         print(ensure_sample_dataset(a.out))
+        return 0
+    if a.cmd == "report":
+        from .report import build_report, text_table, write_html
+
+        rep = build_report(a.runs, a.out)
+        print(text_table(rep.tables["runs"].drop(columns=["verdict"])) + "\n" + rep.paper_md)
+        print(f"wrote {len(rep.files) + 1} files to {rep.out_dir}; open {write_html(rep)}")
         return 0
     return 2
 

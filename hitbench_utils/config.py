@@ -21,11 +21,14 @@ class RunConfig:
     data_path: str | None = None          # None: the embedded sample dataset
     qa_file: str = "QA_final.json"
     image_dir: str | None = None          # None: <data_path>/image
+    min_pixels: int | None = None         # the image budget (None: the processor's 65,536 – 16,777,216)
+    max_pixels: int | None = None
     run_dir: str | None = None            # None: runs/<model>_<modality>[_<format>][_<qa stem>]
     resume: bool = True
     overwrite: bool = False
     batch_size: int = 4
     token_budget: int | None = None
+    share_prefix: bool = True             # reuse each table's prefix KV cache across its questions
     max_input_tokens: int = 100_000
     max_new_tokens: int | None = None     # None: 1024, or the tiny model's cap of 32
     temperature: float = 0.0
@@ -37,6 +40,11 @@ class RunConfig:
     question_type: Any = None
     max_attempts: int = 3
     max_reasks: int = 2
+    max_time_per_sample: float | None = None   # seconds; a longer generation ends as a timeout record
+    # The OOM ladder's floors: below 8K tokens a prompt no longer holds a useful share of a large table,
+    # and under 256×256 pixels (64 image tokens) an image no longer shows one; past them: an oom record.
+    oom_floor_tokens: int = 8192
+    oom_floor_pixels: int = 256 * 256
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     device: str = "auto"
@@ -45,6 +53,13 @@ class RunConfig:
     judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
+    # model="openai:<name>": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, transformers serve, an API)
+    base_url: str | None = None           # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"   # the NAME of the environment variable holding the key (unset: no key)
+    concurrency: int = 8                  # requests in flight at once
+    request_timeout: float = 600          # seconds per HTTP request
+    max_retries: int = 5                  # on 429, 5xx, connection errors and timeouts, with backoff
+    tokenizer: str | None = None          # for exact counts/truncation: a local tokenizer folder, or 'qwen2'
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
@@ -59,6 +74,12 @@ class RunConfig:
             raise ConfigError("max_reasks", self.max_reasks, "an integer ≥ 0")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise ConfigError("max_new_tokens", self.max_new_tokens, "None or an integer ≥ 1")
+        for name in ("min_pixels", "max_pixels"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1024):
+                raise ConfigError(name, v, "None or an integer ≥ 1024 (pixels; one image token per 32×32)")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError("min_pixels", self.min_pixels, f"at most max_pixels ({self.max_pixels})")
         if self.temperature < 0:
             raise ConfigError("temperature", self.temperature, "0 (greedy) or a positive number")
         self.ids = parse_ids(self.ids)
@@ -113,4 +134,5 @@ def fingerprint(cfg: RunConfig, *, model_identity: dict, templates_sha: str, dat
                        "top_k": cfg.top_k if cfg.temperature > 0 else None, "seed": cfg.seed,
                        "max_reasks": cfg.max_reasks},
         "attn_implementation": cfg.attn_implementation, "dtype": dtype,
+        "images": None if cfg.modality == "text" else {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
     }

@@ -34,8 +34,11 @@ def make_fault(kind: str) -> BaseException:
 
 
 class FaultyBackend:
-    def __init__(self, inner: Any, faults: dict[int, str] | None = None, times: int | None = None) -> None:
+    def __init__(self, inner: Any, faults: dict[int, str] | None = None, times: int | None = None, *,
+                 oom_above_tokens: int | None = None, oom_above_pixels: int | None = None) -> None:
+        """``oom_above_*`` simulate a memory bound: any request over it (prompt tokens, image pixels) OOMs."""
         self.inner, self.faults, self.times = inner, dict(faults or {}), times
+        self.oom_above_tokens, self.oom_above_pixels = oom_above_tokens, oom_above_pixels
         self.calls: Counter[int] = Counter()      # generate calls that included each id
         self.fired: Counter[int] = Counter()
 
@@ -45,6 +48,11 @@ class FaultyBackend:
     def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
         for r in requests:
             self.calls[r.key] += 1
+        for r in requests:
+            if self.oom_above_tokens and (r.input_tokens or 0) > self.oom_above_tokens:
+                raise InjectedOOM(f"CUDA out of memory (injected: {r.input_tokens} tokens > {self.oom_above_tokens})")
+            if self.oom_above_pixels and r.image is not None and r.image.width * r.image.height > self.oom_above_pixels:
+                raise InjectedOOM(f"CUDA out of memory (injected: image {r.image.size} > {self.oom_above_pixels} px)")
         for r in requests:
             kind = self.faults.get(r.key)
             if kind and (self.times is None or self.fired[r.key] < self.times):

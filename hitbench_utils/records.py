@@ -56,7 +56,8 @@ class SampleRecord:
     def fail(self, exc: BaseException) -> "SampleRecord":
         self.status = status_of(exc)
         self.error = f"{type(exc).__name__}: {exc}"
-        self.traceback = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
+        self.traceback = getattr(exc, "hitbench_traceback", None) or "".join(
+            tb.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
         self.response = self.prediction = None
         return self
 

@@ -262,7 +262,8 @@ def grid_from_html(html_path: str | os.PathLike) -> Grid:
         for h in row:
             while (r, c) in taken:
                 c += 1
-            rs, cs = min(_span(h["a"].get("rowspan", "1")), n_rows - r), _span(h["a"].get("colspan", "1"))
+            rs = min(_span(h["a"].get("rowspan", "1")), n_rows - r)
+            cs = min(_span(h["a"].get("colspan", "1")), MAX_READ_COLS)
             taken.update((r + i, c + j) for i in range(rs) for j in range(cs))
             classes = h["a"].get("class", "").split()
             css = " ".join(rules.get(k, "") for k in classes)

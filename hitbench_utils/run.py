@@ -18,7 +18,8 @@ from . import data as D
 from .backends.base import GenRequest, GenSettings
 from .config import RunConfig, data_fingerprint, fingerprint
 from .engine import Engine
-from .errors import ConfigError, TruncationError
+from .images import fit_image, halve_pixels
+from .errors import ConfigError, SampleTimeout, TruncationError, status_of
 from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask_text
 from .records import SCHEMA_VERSION, SampleRecord
 from .runlog import RunLock, RunLog, attempts, runnable
@@ -27,8 +28,14 @@ from .status import summarize, write_plan
 log = logging.getLogger("hitbench")
 
 
+
 def load_backend(cfg: RunConfig):
-    """'tiny' builds (once) and loads the tiny model through the very same hf path as a real folder."""
+    """'tiny' builds (once) and loads the tiny model through the very same hf path as a real folder;
+    'openai:<name>' is a model behind an OpenAI-compatible server at ``base_url``."""
+    if cfg.model.startswith("openai:"):
+        from .backends.openai import from_config
+
+        return from_config(cfg)
     from .backends.hf import HFBackend
 
     path = cfg.model
@@ -39,6 +46,17 @@ def load_backend(cfg: RunConfig):
     return HFBackend(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, device=cfg.device)
 
 
+def make_engine(backend: Any, cfg: RunConfig) -> Engine:
+    """The shared-prefix engine for local HF models (share_prefix=True), else plain batching."""
+    from .backends.hf import HFBackend
+
+    if cfg.share_prefix and isinstance(backend, HFBackend):   # wrappers (fault injection) get plain batching
+        from .prefix_engine import PrefixEngine
+
+        return PrefixEngine(backend, cfg.batch_size, cfg.token_budget)
+    return Engine(backend, cfg.batch_size, cfg.token_budget)
+
+
 @dataclass
 class Prepared:
     record: SampleRecord
@@ -46,6 +64,7 @@ class Prepared:
     table: str = ""
     image: Any = None
     request: GenRequest | None = None
+    limit: int | None = None            # the token limit after OOM degradation (None: max_input_tokens)
 
 
 @dataclass
@@ -97,7 +116,8 @@ class Job:
 
     def header(self) -> dict:
         ident, max_new, dtype = self._identity()
-        self.settings = GenSettings(max_new, self.config.temperature, self.config.top_p, self.config.top_k, self.config.seed)
+        self.settings = GenSettings(max_new, self.config.temperature, self.config.top_p, self.config.top_k, self.config.seed,
+                                    self.config.max_time_per_sample)
         fp = fingerprint(self.config, model_identity=ident, templates_sha=self.templates.sha256,
                          data=data_fingerprint(self.data_path, self.qa_path, self.config.fmt),
                          max_new_tokens=max_new, dtype=dtype)
@@ -140,7 +160,7 @@ class Job:
         if self.backend is None:
             log.info("loading model %s (attn=%s, dtype=%s)", self.config.model, self.config.attn_implementation, self.config.dtype)
             self.backend = load_backend(self.config)
-        engine = Engine(self.backend, self.config.batch_size, self.config.token_budget)
+        engine = make_engine(self.backend, self.config)
         tries = attempts(runlog.contents.records)
         queries = [q for q in self.queries if q.id in todo]
         chunk = max(32, 8 * self.config.batch_size)
@@ -164,20 +184,36 @@ class Job:
             if self.config.fmt:
                 p.table = D.read_table(self.data_path, self.config.fmt, q.file_name)
             if self.config.modality in ("image", "mix"):
-                p.image = D.load_image(self.image_dir, q.file_name)
-                rec.image_size = rec.image_size_sent = list(p.image.size)
+                original = D.load_image(self.image_dir, q.file_name)
+                p.image = fit_image(original, self.config.min_pixels, self.config.max_pixels)
+                rec.image_size, rec.image_size_sent = list(original.size), list(p.image.size)
                 rec.image_tokens = self.backend.image_tokens(p.image)
-            p.request = GenRequest(q.id, self._fit(p), p.image, rec.input_tokens_sent)
+            p.request = GenRequest(q.id, self._fit(p), p.image, rec.input_tokens_sent, share_from=p.prompt.suffix)
         except Exception as e:  # noqa: BLE001
             rec.fail(e)
         rec.prepare_s = time.perf_counter() - t0
         return p
 
-    def _fit(self, p: Prepared) -> list[dict]:
-        """Truncate the table so the whole prompt (+ the re-ask reminder) is ≤ max_input_tokens."""
+    def _fit(self, p: Prepared, limit: int | None = None) -> list[dict]:
+        """Bring the whole prompt (+ the re-ask reminder) under the limit: cut the table text first; when
+        even its header cannot fit (mix), halve the image's pixels and try again."""
+        limit = limit or self.config.max_input_tokens
+        while True:
+            try:
+                return self._fit_text(p, limit)
+            except TruncationError:
+                img = p.image
+                if img is None or img.width * img.height <= self.config.oom_floor_pixels:
+                    raise
+                p.image = halve_pixels(img)
+                p.record.image_size_sent, p.record.image_tokens = list(p.image.size), self.backend.image_tokens(p.image)
+                p.record.degraded.append(f"image {img.width}x{img.height} -> {p.image.width}x{p.image.height} "
+                                         f"to fit max_input_tokens={limit}")
+
+    def _fit_text(self, p: Prepared, limit: int) -> list[dict]:
         from .truncation import truncate_table
 
-        limit, rec, be = self.config.max_input_tokens, p.record, self.backend
+        rec, be = p.record, self.backend
         base = be.count_tokens(p.prompt.messages(table=""), p.image)
         reserve = (be.count_tokens(p.prompt.messages(table="", reask=reask_text(self.templates)), p.image) - base
                    if self.config.max_reasks else 0)
@@ -209,31 +245,76 @@ class Job:
         return msgs
 
     def _generate(self, engine: Engine, prepared: list[Prepared]) -> list[SampleRecord]:
+        """Generate, re-ask when the final-answer line is missing, and walk the OOM ladder per sample."""
         live = {p.record.id: p for p in prepared if p.request is not None}
         pending = [p.request for p in live.values()]
         reask = reask_text(self.templates)
         for round_ in range(self.config.max_reasks + 1):
-            retry = []
-            for req, res, steps in engine.run(pending, self.settings):
-                p = live[req.key]
-                rec, viz = p.record, p.record.question_type == "Visualization"
-                rec.degraded += [s for s in steps if s not in rec.degraded]
-                if isinstance(res, BaseException):
-                    rec.fail(res)
-                    rec.tried = [f"round {round_}"] + steps
-                    continue
-                rec.generate_s += res.seconds
-                rec.response, rec.output_tokens = res.text, res.output_tokens
-                rec.prediction, rec.answer_format_ok = extract_answer(res.text, viz)
-                rec.reasks = round_
-                if not rec.answer_format_ok and round_ < self.config.max_reasks:
-                    retry.append(GenRequest(req.key, _with_reask(req.messages, reask), p.image, req.input_tokens))
+            retry: list[GenRequest] = []
+            queue = pending
+            while queue:
+                again: list[GenRequest] = []
+                for req, res, steps in engine.run(queue, self.settings):
+                    p = live[req.key]
+                    rec, viz = p.record, p.record.question_type == "Visualization"
+                    rec.degraded += [s for s in steps if s not in rec.degraded]
+                    if isinstance(res, BaseException):
+                        smaller = self._degrade(p, req, round_) if status_of(res) == "oom" else None
+                        if smaller is not None:
+                            again.append(smaller)
+                            continue
+                        rec.fail(res)
+                        rec.tried = rec.degraded + [f"failed in round {round_}"]
+                        continue
+                    rec.generate_s += res.seconds
+                    rec.response, rec.output_tokens = res.text, res.output_tokens
+                    if res.timed_out:
+                        rec.fail(SampleTimeout(f"generation passed max_time_per_sample={self.config.max_time_per_sample}s "
+                                               f"after {res.output_tokens} new tokens"))
+                        rec.response = res.text       # keep the partial answer: nothing is lost
+                        continue
+                    rec.status, rec.error, rec.traceback = "ok", None, None
+                    rec.prediction, rec.answer_format_ok = extract_answer(res.text, viz)
+                    rec.reasks = round_
+                    if not rec.answer_format_ok and round_ < self.config.max_reasks:
+                        retry.append(GenRequest(req.key, _with_reask(req.messages, reask), p.image, req.input_tokens,
+                                                share_from=req.share_from))
+                queue = again
             if not retry:
                 break
             pending = retry
         for p in prepared:   # the sample's own cost: its preparation plus its share of each batch
             p.record.latency_s = round(p.record.prepare_s + p.record.generate_s, 6)
         return [p.record for p in prepared]
+
+    def _degrade(self, p: Prepared, req: GenRequest, round_: int) -> GenRequest | None:
+        """The OOM ladder for one sample: halve its token budget down to ``oom_floor_tokens``, then (image,
+        mix) halve the image's pixels down to ``oom_floor_pixels``; None when nothing is left to try."""
+        rec = p.record
+        sent = rec.input_tokens_sent or self.config.max_input_tokens
+        try:
+            floor_t, floor_px = self.config.oom_floor_tokens, self.config.oom_floor_pixels
+            if p.table and sent > floor_t:
+                limit = max(floor_t, sent // 2)
+                p.limit = limit
+                msgs = self._fit(p, limit=limit)
+                rec.degraded.append(f"max_input_tokens {sent} -> {limit} after OOM")
+            elif p.image is not None and p.image.width * p.image.height > floor_px:
+                w, h = p.image.size
+                p.image = halve_pixels(p.image)
+                rec.image_size_sent = list(p.image.size)
+                rec.image_tokens = self.backend.image_tokens(p.image)
+                msgs = self._fit(p, limit=p.limit)
+                rec.degraded.append(f"image {w}x{h} -> {p.image.width}x{p.image.height} after OOM")
+            else:
+                return None
+        except Exception as e:  # noqa: BLE001 - a failed degradation is the end of the ladder
+            rec.degraded.append(f"degradation failed: {type(e).__name__}: {e}")
+            return None
+        log.warning("OOM on id=%s: retrying with %s", rec.id, rec.degraded[-1])
+        if round_:
+            msgs = _with_reask(msgs, reask_text(self.templates))
+        return GenRequest(req.key, msgs, p.image, rec.input_tokens_sent, share_from=req.share_from)
 
     def judge(self):
         """The LLM judge for Summary/Anomaly Analysis, when one is configured (else they stay unscored)."""

@@ -112,3 +112,40 @@ def test_results_json_and_default_run_dir(tmp_path, tiny_backend, sample_data):
     job(tmp_path, tiny_backend, sample_data, limit=2, max_reasks=0).execute()
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["summary"]["ok"] == 2 and res["time"]["total_s"] > 0
+
+
+def test_oom_ladder_halves_tokens_then_gives_an_oom_record(tmp_path, tiny_backend, sample_data):
+    faulty = FaultyBackend(tiny_backend, oom_above_tokens=1500)
+    s = job(tmp_path, faulty, sample_data, limit=2, batch_size=2, max_reasks=0, format="html",
+            oom_floor_tokens=256, max_attempts=1).execute()
+    recs = view(read_log(tmp_path / "run").records)
+    for r in recs.values():
+        assert r["status"] == "ok", r["error"]
+        assert r["input_tokens_sent"] <= 1500 and r["truncated"]
+        assert any("after OOM" in d and "max_input_tokens" in d for d in r["degraded"])
+        assert any(d.startswith("batch 2 -> 1+1") for d in r["degraded"])
+    faulty = FaultyBackend(tiny_backend, oom_above_tokens=100)        # nothing fits above the floor
+    s = job(tmp_path, faulty, sample_data, run_dir=str(tmp_path / "r2"), limit=1, max_reasks=0, format="html",
+            oom_floor_tokens=1024, max_attempts=1).execute()
+    r = next(iter(view(read_log(tmp_path / "r2").records).values()))
+    assert r["status"] == "oom" and "max_input_tokens" in " ".join(r["tried"])
+    assert s["verdict"] == "complete with 1 permanent errors"
+
+
+def test_oom_ladder_halves_image_pixels(tmp_path, tiny_backend, sample_data):
+    faulty = FaultyBackend(tiny_backend, oom_above_pixels=200 * 200)
+    job(tmp_path, faulty, sample_data, limit=2, modality="image", max_reasks=0, oom_floor_pixels=64 * 64).execute()
+    for r in view(read_log(tmp_path / "run").records).values():
+        assert r["status"] == "ok"
+        w, h = r["image_size_sent"]
+        assert w * h <= 200 * 200 < r["image_size"][0] * r["image_size"][1]
+        assert any(d.startswith("image ") and "after OOM" in d for d in r["degraded"])
+
+
+def test_timeout_becomes_a_timeout_record_and_the_run_goes_on(tmp_path, tiny_backend, sample_data):
+    s = job(tmp_path, tiny_backend, sample_data, limit=2, batch_size=1, max_reasks=0, max_new_tokens=4000,
+            max_time_per_sample=0.2, max_attempts=1).execute()
+    recs = view(read_log(tmp_path / "run").records)
+    assert [r["status"] for r in recs.values()] == ["timeout", "timeout"]
+    assert all("max_time_per_sample" in r["error"] and r["response"] for r in recs.values())
+    assert s["errors"] == {"timeout": 2}

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +186,7 @@ def test_ensure_is_idempotent_and_uses_the_versioned_cache(tmp_path: Path, monke
     assert dest == tmp_path / "cache" / f"sample-{sd.content_version()}"
     shutil.copytree(sample_data, dest)      # a complete folder of this version is reused untouched
     stamp = (dest / "QA_final.json").stat().st_mtime_ns
-    t = time.perf_counter()
     assert sd.ensure_sample_dataset() == dest
-    assert time.perf_counter() - t < 0.5
     assert (dest / "QA_final.json").stat().st_mtime_ns == stamp
     (dest / "csv" / "sales-sample01.csv").unlink()     # an incomplete one is rebuilt in place
     assert sd.ensure_sample_dataset() == dest

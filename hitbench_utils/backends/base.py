@@ -14,6 +14,7 @@ class GenSettings:
     top_p: float = 0.8
     top_k: int = 20
     seed: int = 0
+    max_time: float | None = None      # seconds per generate call; unfinished sequences end as timeouts
 
     @property
     def greedy(self) -> bool:
@@ -26,6 +27,8 @@ class GenRequest:
     messages: list[dict]
     image: Any = None              # a PIL image, or None
     input_tokens: int | None = None
+    share_from: str | None = None      # the text the shareable prefix ends before (the question part)
+    max_new_tokens: int | None = None  # a per-request cap (benchmarks script output lengths with it)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class GenResult:
     output_tokens: int
     input_tokens: int | None = None
     seconds: float = 0.0
+    timed_out: bool = False
     extra: dict = field(default_factory=dict)
 
 

@@ -33,6 +33,11 @@ def model_identity(path: str | Path) -> dict:
     return ident
 
 
+def _get(size: Any, key: str) -> int | None:
+    v = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(v) if v else None
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -70,10 +75,25 @@ class HFBackend:
         except (OSError, KeyError, TypeError) as e:
             raise ModelLoadError(f"model={str(model_path)!r} could not be loaded: {e}. Fix: pass a folder holding a "
                                  "Qwen3-VL checkpoint (config.json, weights, processor files) or model='tiny'") from e
+        self._setup(attn_implementation, str(torch_dtype).replace("torch.", ""))
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, *, identity: dict, attn_implementation: str = "sdpa") -> "HFBackend":
+        """Wrap a model built in memory (benchmarks build the 8B architecture with random weights)."""
+        self = cls.__new__(cls)
+        self.identity, self.model, self.processor = identity, model.eval(), processor
+        self.device = str(next(model.parameters()).device)
+        self._setup(attn_implementation, str(next(model.parameters()).dtype).replace("torch.", ""))
+        return self
+
+    def _setup(self, attn_implementation: str, dtype: str) -> None:
         got = self.model.config._attn_implementation
         if got != attn_implementation:
             raise ModelLoadError(f"asked for attn_implementation={attn_implementation!r} but the model loaded {got!r}; "
                                  "refusing to fall back silently")
+        vision_attn = getattr(getattr(self.model.config, "vision_config", None), "_attn_implementation", got)
+        if vision_attn not in (None, got):
+            raise ModelLoadError(f"the vision tower loaded attn_implementation={vision_attn!r}, not {got!r}")
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         gc = self.model.generation_config
@@ -82,18 +102,20 @@ class HFBackend:
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
         self.default_max_new_tokens = 32 if "tiny" in self.identity else 1024
         self.name = self.identity["path"]
-        self.info = {"model": self.identity, "device": self.device, "dtype": str(torch_dtype).replace("torch.", ""),
-                     "attn_implementation": got}
+        self.info = {"model": self.identity, "device": self.device, "dtype": dtype, "attn_implementation": got}
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def image_tokens(self, image: Any) -> int:
-        """Tokens the processor will give this image (patch 16, merge 2: one per 32×32 pixels)."""
-        grid = self.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
-        merge = getattr(self.processor.image_processor, "merge_size", 2)
-        return int(grid.prod().item()) // (merge * merge)
+        """Tokens the processor will give this image: its smart resize within the processor's own pixel
+        budget, then one token per 32×32 pixels (checked against transformers' smart_resize)."""
+        from ..images import image_tokens, smart_size
+
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        lo, hi = _get(size, "shortest_edge"), _get(size, "longest_edge")
+        return image_tokens(*smart_size(image.width, image.height, lo, hi))
 
     def count_tokens(self, messages: list[dict], image: Any = None) -> int:
         """Exact length of the chat-templated prompt, image tokens included."""
@@ -114,6 +136,8 @@ class HFBackend:
         else:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
             torch.manual_seed(settings.seed)
+        if settings.max_time:
+            kwargs["max_time"] = float(settings.max_time)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
@@ -124,5 +148,7 @@ class HFBackend:
         for i, row in enumerate(out[:, prompt_len:].tolist()):
             n = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            results.append(GenResult(text=text, output_tokens=n, input_tokens=int(lengths[i]), seconds=dt))
+            timed_out = bool(settings.max_time and dt >= settings.max_time and n == len(row) < settings.max_new_tokens)
+            results.append(GenResult(text=text, output_tokens=n, input_tokens=int(lengths[i]), seconds=dt,
+                                     timed_out=timed_out))
         return results

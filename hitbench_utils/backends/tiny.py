@@ -16,7 +16,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 TINY_MAX_NEW_TOKENS = 32
 
 
@@ -76,19 +76,27 @@ def tiny_model_dir(dest: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def build_processor(tokenizer):
+    """A Qwen3-VL processor around ``tokenizer``: patch 16, merge 2 (one image token per 32×32 pixels),
+    and Qwen3-VL's default pixel budget of 65,536–16,777,216 pixels."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tokenizer.chat_template = chat_template()
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              size={"shortest_edge": 65_536, "longest_edge": 16_777_216}),
+        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template(),
+    )
+
+
 def _build(out: Path, tok_dir: Path | None, source: str) -> None:
     import torch
-    from transformers import (GenerationConfig, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from ..tokenization import qwen_bpe_from_files, train_tiny_bpe
 
     tokenizer = qwen_bpe_from_files(tok_dir) if tok_dir else train_tiny_bpe(_corpus(), vocab_size=3000)
-    tokenizer.chat_template = chat_template()
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
-        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template(),
-    )
+    processor = build_processor(tokenizer)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3VLConfig(
         text_config=dict(
