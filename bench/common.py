@@ -1,6 +1,6 @@
 """Shared pieces of the GPU benchmarks: the 8B Qwen3-VL architecture with random weights, and the
-files a device run carries (the device sees only the repo checkout, so ``prepare`` copies what it
-needs from $HITBENCH_SHARED into the git-ignored ``.device/`` folder)."""
+inputs a GPU job needs (the GPU machine sees only the repository checkout, so ``prepare`` copies
+what it needs from $HITBENCH_SHARED into the git-ignored ``.device/`` folder, which is sent along)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CARRY = REPO / ".device"
+INPUTS = REPO / ".device"
 
 TEXT_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
@@ -50,26 +50,26 @@ def build_random_8b(tokenizer_dir: str | os.PathLike, *, device: str = "cuda", a
 
 def prepare(shared: str | os.PathLike | None = None, *, files: dict[str, list[str]] | None = None,
             qa: dict[str, list[dict]] | None = None, extra: dict[str, object] | None = None) -> Path:
-    """Copy the tokenizer and the named table files into .device/ (git-ignored), for `carry`."""
+    """Copy the tokenizer and the named table files into .device/ (git-ignored), to send with the GPU job."""
     shared = Path(shared or os.environ.get("HITBENCH_SHARED") or REPO.parent / "shared")
     data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
                                check=True).stdout.strip())
-    tok = CARRY / "qwen2"
+    tok = INPUTS / "qwen2"
     tok.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy2(shared / "tokenizers" / "qwen2" / name, tok / name)
     for fmt, names in (files or {}).items():
-        (CARRY / "data" / fmt).mkdir(parents=True, exist_ok=True)
+        (INPUTS / "data" / fmt).mkdir(parents=True, exist_ok=True)
         for n in names:
             src = data / fmt / n
             if src.is_file():
-                shutil.copy2(src, CARRY / "data" / fmt / n)
+                shutil.copy2(src, INPUTS / "data" / fmt / n)
     for name, items in (qa or {}).items():
-        (CARRY / "data").mkdir(parents=True, exist_ok=True)
-        (CARRY / "data" / name).write_text(json.dumps({"queries": items}))
+        (INPUTS / "data").mkdir(parents=True, exist_ok=True)
+        (INPUTS / "data" / name).write_text(json.dumps({"queries": items}))
     for name, obj in (extra or {}).items():
-        (CARRY / name).write_text(json.dumps(obj))
-    return CARRY
+        (INPUTS / name).write_text(json.dumps(obj))
+    return INPUTS
 
 
 def gpu_memory() -> dict:

@@ -6,7 +6,7 @@ OOM ladder must recover or end in an ``oom`` record, the next sample must run, a
 must fall back to the weights' baseline after each sample.
 
     python bench/oom_gpu.py --prepare                       # here: copies the inputs into .device/
-    python bench/oom_gpu.py --out $OUT                      # on the GPU machine (carry .device)
+    python bench/oom_gpu.py --out bench/results                      # on the GPU machine (with .device/ sent along)
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CARRY, build_random_8b, device_name, prepare  # noqa: E402
+from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
 
 SAMPLES = [  # (id, table file, question id in QA_final whose question we ask)
     (1, "economy-table14_swap", 438), (2, "agriculture-table06_swap", 2016), (3, "employment-table01", 1)]
@@ -33,7 +33,7 @@ def do_prepare() -> None:
     by_id = {q["id"]: q for q in json.loads((data / "QA_final.json").read_text())["queries"]}
     items = [dict(by_id[qid], id=i, FileName=name) for i, name, qid in SAMPLES]
     prepare(shared, files={"html": [f"{n}.html" for _, n, _ in SAMPLES]}, qa={"QA_oom.json": items})
-    print(f"prepared {CARRY}")
+    print(f"prepared {INPUTS}")
 
 
 class MemoryProbe:
@@ -81,12 +81,12 @@ def main() -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend, build_s = build_random_8b(CARRY / "qwen2")
+    backend, build_s = build_random_8b(INPUTS / "qwen2")
     baseline = torch.cuda.memory_allocated()
     probe = MemoryProbe(backend)
     run_dir = Path("/tmp/oom_run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = RunConfig(data_path=str(CARRY / "data"), qa_file=str(CARRY / "data" / "QA_oom.json"), format="html",
+    cfg = RunConfig(data_path=str(INPUTS / "data"), qa_file=str(INPUTS / "data" / "QA_oom.json"), format="html",
                     run_dir=str(run_dir), max_input_tokens=400_000, max_new_tokens=8, batch_size=1, max_reasks=0,
                     score=False, max_attempts=1)
     t0 = time.time()

@@ -11,6 +11,9 @@ from typing import Any
 from .data import FORMAT_EXT, FORMATS, MODALITIES, QUESTION_TYPES, check_choice, file_sha256, parse_ids
 from .errors import ConfigError
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
 
 @dataclass
 class RunConfig:
@@ -82,6 +85,8 @@ class RunConfig:
             raise ConfigError("min_pixels", self.min_pixels, f"at most max_pixels ({self.max_pixels})")
         if self.temperature < 0:
             raise ConfigError("temperature", self.temperature, "0 (greedy) or a positive number")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("attn_implementation", self.attn_implementation, ATTN)
         self.ids = parse_ids(self.ids)
         if isinstance(self.question_type, str) and self.question_type.startswith("["):
             self.question_type = json.loads(self.question_type)
@@ -97,6 +102,8 @@ class RunConfig:
         return None if self.modality == "image" else self.format
 
     def model_label(self) -> str:
+        if self.model.startswith("openai:"):
+            return "openai-" + self.model.split(":", 1)[1].replace("/", "-")
         return "tiny" if self.model == "tiny" else Path(self.model.rstrip("/")).name
 
     def default_run_dir(self, runs_root: str | os.PathLike | None = None) -> Path:
@@ -112,7 +119,8 @@ class RunConfig:
 
 
 def data_fingerprint(data_path: Path, qa_path: Path, fmt: str | None) -> dict:
-    """Hash of the QA file plus the names and sizes of the table files of this format (cheap, stable)."""
+    """Hash of the QA file, and (recorded, not compared on resume) of the table files' names and sizes:
+    restoring a missing table, as a missing_input record advises, must not lock the run folder."""
     h = hashlib.sha256()
     if fmt:
         folder = data_path / fmt
@@ -128,7 +136,7 @@ def fingerprint(cfg: RunConfig, *, model_identity: dict, templates_sha: str, dat
     """What changes answers. Leaves out batch_size, limit, ids, run_dir, resume and the device."""
     return {
         "model": model_identity, "modality": cfg.modality, "format": cfg.fmt, "qa_file": Path(cfg.qa_file).name,
-        "data": data, "prompts_sha256": templates_sha[:16], "max_input_tokens": cfg.max_input_tokens,
+        "data": {"qa_sha256": data["qa_sha256"]}, "prompts_sha256": templates_sha[:16], "max_input_tokens": cfg.max_input_tokens,
         "generation": {"max_new_tokens": max_new_tokens, "temperature": cfg.temperature,
                        "top_p": cfg.top_p if cfg.temperature > 0 else None,
                        "top_k": cfg.top_k if cfg.temperature > 0 else None, "seed": cfg.seed,

@@ -145,7 +145,8 @@ def is_lfs_pointer(path: str | os.PathLike) -> bool:
 
 def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
-        raise MissingInputError(f"{what} not found: {path}")
+        raise MissingInputError(f"{what} not found: {path}. Fix: restore it from the dataset "
+                                "(or check data_path / image_dir)")
     if is_lfs_pointer(path):
         raise MissingInputError(f"{what} {path} is a Git LFS pointer stub ({path.stat().st_size} bytes), not the file. "
                                 "Fix: fetch the LFS object (git lfs install && git lfs pull in the dataset clone)")

@@ -45,6 +45,11 @@ class _Group:
 class PrefixEngine(Engine):
     """An ``Engine`` for local HF models that shares prefix KV caches across questions."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats = {"groups": 0, "batches": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_tokens": 0,
+                      "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0}
+
     def run(self, requests: list[GenRequest], settings: GenSettings
             ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
         groups, plain = self._group(requests)
@@ -124,6 +129,10 @@ class PrefixEngine(Engine):
         with torch.inference_mode():
             prefix_cache = DynamicCache()
             model(**inputs, **{_cache_kw(model): prefix_cache}, use_cache=True, logits_to_keep=1)
+            _sync(dev)
+            self.stats["groups"] += 1
+            self.stats["prefix_tokens"] += P
+            self.stats["prefill_s"] += time.perf_counter() - t0
             delta = 0
             if g.image is not None:
                 rd = getattr(inner, "rope_deltas", None)
@@ -160,6 +169,10 @@ class PrefixEngine(Engine):
                     **{ck: cache}, cache_position=torch.arange(P, P + S, device=dev), use_cache=True,
                     logits_to_keep=1)
         nxt = pos[:, -1] + 1
+        _sync(dev)
+        t_dec = time.perf_counter()
+        self.stats["batches"] += 1
+        self.stats["suffix_tokens"] += int(smask.sum())
         caps = [min(settings.max_new_tokens, m.req.max_new_tokens or settings.max_new_tokens) for m in batch]
         eos = torch.tensor(sorted(be.eos_ids), device=dev)
         gen = torch.Generator(device=dev).manual_seed(settings.seed) if not settings.greedy else None
@@ -184,12 +197,23 @@ class PrefixEngine(Engine):
             out = model(input_ids=tok[:, None], attention_mask=amask, position_ids=nxt.view(1, B, 1).expand(3, B, 1),
                         **{ck: cache}, cache_position=torch.tensor([P + S + t], device=dev), use_cache=True)
             nxt = nxt + 1
+        _sync(dev)
+        self.stats["decode_s"] += time.perf_counter() - t_dec
+        self.stats["decode_steps"] += t + 1
+        self.stats["decode_rows"] += B * (t + 1)
         results = []
         for i, m in enumerate(batch):
             text = be.tokenizer.decode(tokens[i], skip_special_tokens=True)
             results.append(GenResult(text=text, output_tokens=len(tokens[i]), input_tokens=P + len(m.suffix_ids),
                                      timed_out=timed_out and not bool(done[i])))
         return results
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _pick(logits: Any, settings: GenSettings, gen: Any) -> Any:

@@ -32,6 +32,7 @@ class SampleRecord:
     reasks: int = 0
     input_tokens_original: int | None = None
     input_tokens_sent: int | None = None
+    input_tokens_server: int | None = None        # the prompt tokens a server reported (openai backend)
     output_tokens: int | None = None
     truncated: bool = False
     rows_dropped: int = 0

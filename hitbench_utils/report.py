@@ -24,8 +24,7 @@ from matplotlib.figure import Figure
 
 from .errors import ERROR_STATUSES
 from .runlog import read_log, view
-from .scoring import aggregate as _bind  # noqa: F401 - binds the package's lazy export before the submodule
-from .scoring.aggregate import PAPER_COLUMNS, aggregate, paper_table  # import below could shadow it with the module
+from .scoring.aggregates import PAPER_COLUMNS, aggregate, paper_table
 from .status import summarize
 
 SHORT = {"Fact Checking": "FC", "Numerical Reasoning": "NR", "Structure Comprehending": "SC",

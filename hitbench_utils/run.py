@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import data as D
 from .backends.base import GenRequest, GenSettings
@@ -22,7 +22,7 @@ from .images import fit_image, halve_pixels
 from .errors import ConfigError, SampleTimeout, TruncationError, status_of
 from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask_text
 from .records import SCHEMA_VERSION, SampleRecord
-from .runlog import RunLock, RunLog, attempts, runnable
+from .runlog import RunLock, RunLog, attempts, ensure_run_dir, runnable
 from .status import summarize, write_plan
 
 log = logging.getLogger("hitbench")
@@ -54,6 +54,8 @@ def make_engine(backend: Any, cfg: RunConfig) -> Engine:
         from .prefix_engine import PrefixEngine
 
         return PrefixEngine(backend, cfg.batch_size, cfg.token_budget)
+    if getattr(backend, "device", None) == "remote":   # a server: no padding; keep `concurrency` requests busy
+        return Engine(backend, max(cfg.batch_size, 2 * backend.concurrency), cfg.token_budget or 2**62)
     return Engine(backend, cfg.batch_size, cfg.token_budget)
 
 
@@ -105,6 +107,11 @@ class Job:
                 from .backends.tiny import TINY_MAX_NEW_TOKENS, tiny_model_dir
 
                 ident, default_new = model_identity(tiny_model_dir()), TINY_MAX_NEW_TOKENS
+            elif self.config.model.startswith("openai:"):
+                from .backends.openai import openai_identity
+
+                ident = openai_identity(self.config.model, self.config.base_url, self.config.tokenizer)
+                return ident, self.config.max_new_tokens or 1024, "server"
             else:
                 ident, default_new = model_identity(self.config.model), 1024
             dtype = self.config.dtype
@@ -118,21 +125,21 @@ class Job:
         ident, max_new, dtype = self._identity()
         self.settings = GenSettings(max_new, self.config.temperature, self.config.top_p, self.config.top_k, self.config.seed,
                                     self.config.max_time_per_sample)
-        fp = fingerprint(self.config, model_identity=ident, templates_sha=self.templates.sha256,
-                         data=data_fingerprint(self.data_path, self.qa_path, self.config.fmt),
+        data = data_fingerprint(self.data_path, self.qa_path, self.config.fmt)
+        fp = fingerprint(self.config, model_identity=ident, templates_sha=self.templates.sha256, data=data,
                          max_new_tokens=max_new, dtype=dtype)
         from . import __version__
 
         return {"type": "header", "schema": SCHEMA_VERSION, "hitbench_version": __version__, "fingerprint": fp,
                 "created": time.time(), "data_path": str(self.data_path), "image_dir": str(self.image_dir),
-                "qa_path": str(self.qa_path), "prompts": self.templates.source, "templates": self.templates.data,
+                "qa_path": str(self.qa_path), "data_files": data, "prompts": self.templates.source, "templates": self.templates.data,
                 "config": {k: v for k, v in self.config.to_dict().items() if k not in ("ids",)}}
 
     # ---- the run ----------------------------------------------------------------------------------
     def execute(self) -> dict:
         cfg, t_start = self.config, time.time()
         header = self.header()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_run_dir(self.run_dir)
         with RunLock(self.run_dir):
             handler = _attach_file_log(self.run_dir)
             try:
@@ -244,8 +251,16 @@ class Job:
                         f"{limit:,}", f"{cut.rows_dropped:,}", f"{cut.rows_total:,}")
         return msgs
 
-    def _generate(self, engine: Engine, prepared: list[Prepared]) -> list[SampleRecord]:
-        """Generate, re-ask when the final-answer line is missing, and walk the OOM ladder per sample."""
+    def _generate(self, engine: Engine, prepared: list[Prepared]) -> Iterator[SampleRecord]:
+        """Generate, re-ask when the final-answer line is missing, and walk the OOM ladder per sample.
+        Each record is yielded as soon as it is final, so a kill loses only the samples in flight."""
+        def final(p: Prepared) -> SampleRecord:
+            p.record.latency_s = round(p.record.prepare_s + p.record.generate_s, 6)  # its own share
+            return p.record
+
+        for p in prepared:
+            if p.request is None:
+                yield final(p)
         live = {p.record.id: p for p in prepared if p.request is not None}
         pending = [p.request for p in live.values()]
         reask = reask_text(self.templates)
@@ -263,15 +278,22 @@ class Job:
                         if smaller is not None:
                             again.append(smaller)
                             continue
-                        rec.fail(res)
-                        rec.tried = rec.degraded + [f"failed in round {round_}"]
+                        if round_ and rec.response is not None:   # a failed re-ask keeps the first answer
+                            rec.degraded.append(f"re-ask {round_} failed: {type(res).__name__}: {res}"[:300])
+                        else:
+                            rec.fail(res)
+                            rec.tried = rec.degraded + [f"failed in round {round_}"]
+                        yield final(p)
                         continue
                     rec.generate_s += res.seconds
                     rec.response, rec.output_tokens = res.text, res.output_tokens
+                    if round_ == 0 and res.input_tokens is not None:
+                        rec.input_tokens_server = res.input_tokens
                     if res.timed_out:
                         rec.fail(SampleTimeout(f"generation passed max_time_per_sample={self.config.max_time_per_sample}s "
                                                f"after {res.output_tokens} new tokens"))
                         rec.response = res.text       # keep the partial answer: nothing is lost
+                        yield final(p)
                         continue
                     rec.status, rec.error, rec.traceback = "ok", None, None
                     rec.prediction, rec.answer_format_ok = extract_answer(res.text, viz)
@@ -279,13 +301,12 @@ class Job:
                     if not rec.answer_format_ok and round_ < self.config.max_reasks:
                         retry.append(GenRequest(req.key, _with_reask(req.messages, reask), p.image, req.input_tokens,
                                                 share_from=req.share_from))
+                    else:
+                        yield final(p)
                 queue = again
             if not retry:
                 break
             pending = retry
-        for p in prepared:   # the sample's own cost: its preparation plus its share of each batch
-            p.record.latency_s = round(p.record.prepare_s + p.record.generate_s, 6)
-        return [p.record for p in prepared]
 
     def _degrade(self, p: Prepared, req: GenRequest, round_: int) -> GenRequest | None:
         """The OOM ladder for one sample: halve its token budget down to ``oom_floor_tokens``, then (image,
@@ -366,6 +387,7 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     lg = logging.getLogger("hitbench")
     lg.setLevel(logging.INFO)
+    lg.propagate = False          # our own handlers print it; the root logger would print it twice
     lg.addHandler(h)
     if not any(isinstance(x, logging.StreamHandler) and not isinstance(x, logging.FileHandler) for x in lg.handlers):
         sh = logging.StreamHandler()

@@ -47,7 +47,8 @@ def read_log(run_dir: str | os.PathLike) -> LogContents:
             continue
         if n == 1 and isinstance(obj, dict) and obj.get("type") == "header":
             header = obj
-        elif isinstance(obj, dict) and "id" in obj and "status" in obj:
+        elif (isinstance(obj, dict) and isinstance(obj.get("id"), int) and not isinstance(obj["id"], bool)
+              and isinstance(obj.get("status"), str)):
             records.append(obj)
         else:
             bad.append((n, "not a sample record"))
@@ -87,8 +88,25 @@ def fingerprint_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
+def ensure_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Create the run folder, or say clearly why it cannot be written (root ignores permissions, so try)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunLogError(f"run folder {run_dir} is not writable ({e.strerror or e}). Fix: choose a writable run_dir") from None
+    return run_dir
+
+
 class RunLock:
-    """One writer per run folder: the lock names its owner; a dead owner's lock is taken over."""
+    """One writer per run folder: the lock names its owner; a dead owner's lock is taken over.
+
+    The lock file is created whole (written aside, then hard-linked into place), and every acquisition
+    runs under a kernel lock on ``.lock.guard``, so two processes can never both judge a lock stale and
+    both take it."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / LOCK_NAME
@@ -101,32 +119,38 @@ class RunLock:
             return None
 
     def acquire(self) -> "RunLock":
+        import fcntl
+
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = self.owner()
-                if other is None or _stale(other):
-                    stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
-                    try:
-                        os.rename(self.path, stale)
-                        stale.unlink()
-                    except OSError:
-                        pass
-                    continue
-                if other.get("pid") == me["pid"] and other.get("host") == me["host"]:
+        try:
+            guard = os.open(self.path.with_name(LOCK_NAME + ".guard"), os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise RunLogError(f"cannot write the lock in run folder {self.path.parent} ({e.strerror or e}). "
+                              "Fix: choose a writable run_dir") from None
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            other = self.owner() if self.path.exists() else None
+            if self.path.exists():
+                if other is not None and other.get("pid") == me["pid"] and other.get("host") == me["host"]:
                     raise RunLockedError(f"{self.path.parent} is already open for writing in this process. "
                                          "Fix: close the first run (or use another run_dir)")
-                raise RunLockedError(
-                    f"{self.path.parent} is being written by pid {other.get('pid')} on host {other.get('host')} "
-                    f"since {time.ctime(other.get('since', 0))}. Fix: wait for it to finish, stop it, or, if that "
-                    f"process is gone, delete {self.path}")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                if other is not None and not _stale(other):
+                    raise RunLockedError(
+                        f"{self.path.parent} is being written by pid {other.get('pid')} on host {other.get('host')} "
+                        f"since {time.ctime(other.get('since', 0))}. Fix: wait for it to finish, stop it, or, if that "
+                        f"process is gone, delete {self.path}")
+                self.path.unlink(missing_ok=True)       # a dead owner's (or an unreadable) lock: take it over
+            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(me))
+            try:
+                os.link(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
             self.held = True
             return self
-        raise RunLockedError(f"could not take the lock {self.path}; another process keeps racing for it")
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+            os.close(guard)
 
     def release(self) -> None:
         if self.held:
@@ -164,13 +188,7 @@ class RunLog:
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, header: dict, *, resume: bool = True, overwrite: bool = False) -> "RunLog":
-        run_dir = Path(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunLogError(f"cannot create run folder {run_dir}: {e}. Fix: choose a writable run_dir") from None
-        if not os.access(run_dir, os.W_OK):
-            raise RunLogError(f"run folder {run_dir} is not writable. Fix: fix its permissions or choose another run_dir")
+        run_dir = ensure_run_dir(run_dir)
         contents = read_log(run_dir)
         exists = contents.header is not None or contents.records
         if exists and not resume:

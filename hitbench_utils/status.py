@@ -16,8 +16,12 @@ PLAN = "plan.json"
 
 
 def write_plan(run_dir: str | os.PathLike, ids: list[int], max_attempts: int) -> None:
-    """The ids this run is meant to cover (limit/ids may change between invocations; the latest wins)."""
-    _atomic_json(Path(run_dir) / PLAN, {"ids": ids, "max_attempts": max_attempts, "written": time.time()})
+    """The ids this run folder is meant to cover: the union over invocations, so re-running a few ids
+    with ``ids=[...]`` never shrinks what status counts."""
+    path = Path(run_dir) / PLAN
+    old = json.loads(path.read_text()).get("ids", []) if path.is_file() else []
+    merged = list(dict.fromkeys(list(old) + list(ids)))
+    _atomic_json(path, {"ids": merged, "max_attempts": max_attempts, "written": time.time()})
 
 
 def _atomic_json(path: Path, obj: dict) -> None:

@@ -35,6 +35,7 @@ PARTIAL_MARKER = ("[... row {row:,} cut short; {dropped:,} of {total:,} rows omi
                   " to fit the token limit ...]")
 _MAX_TRIES = 8
 _CHUNK_CHARS = 250_000  # below this, one chunk: the parallel pass is not worth its seam checks
+_BLANK = re.compile(r"[^\S\r\n]*[\r\n]")  # a blank line: a whitespace pre-token may run through it
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class _Offsets:
         n = min(cpus, len(text) // _CHUNK_CHARS)
         for i in range(1, n):  # seams after a newline that starts a non-blank line: no pre-token spans them
             p = text.find("\n", max(cuts[-1], len(text) * i // n)) + 1
-            while 0 < p < len(text) and text[p].isspace():
+            while 0 < p < len(text) and _BLANK.match(text, p):
                 p = text.find("\n", p) + 1
             if p <= cuts[-1] or p >= len(text):
                 break
@@ -222,8 +223,7 @@ _SPLIT = {"html": _split_html, "latex": _split_latex, "csv": _split_csv, "markdo
 
 
 def split_rows(table: str, fmt: str, header_rows: int = DEFAULT_HEADER_ROWS) -> TableRows:
-    """Rows (char spans) of ``table`` in ``fmt``. Never raises on odd input: no rows found means the
-    whole text is one unit (cut inside it if needed)."""
+    """Rows (char spans) of ``table`` in ``fmt``; odd input never raises: no rows = the text is one unit."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r} is not one of {FORMATS}")
     pre, rows, post, head = _SPLIT[fmt](table, header_rows) if table else (0, [], 0, 0)

@@ -201,9 +201,12 @@ def test_a_run_survives_a_server_restart(server, sample_data, tmp_path):
                     format="csv", limit=10, batch_size=4, max_new_tokens=4, max_reasks=0, score=False,
                     run_dir=str(tmp_path / "run"))
     starts = server.starts
-    summary = Job(cfg, backend=be, progress=False).execute()
-    be.restarter.join(timeout=60)
-    server.wait_ready()                                                  # leave it up for the other tests
+    try:
+        summary = Job(cfg, backend=be, progress=False).execute()
+    finally:   # never leave a restart pending: the fixture must be able to stop what runs
+        if be.restarter is not None:
+            be.restarter.join(timeout=60)
+        server.wait_ready()                                              # up again for the other tests
     assert server.starts == starts + 1
     assert summary["ok"] == 10 and summary["verdict"] == "complete", summary
     recs = view(read_log(tmp_path / "run").records)

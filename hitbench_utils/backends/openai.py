@@ -78,7 +78,8 @@ QWEN3VL_IMAGE = {"patch_size": 16, "merge_size": 2, "min_pixels": 65_536, "max_p
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 OPTIONAL_PARAMS = ("top_k", "top_p", "seed")        # dropped (once, logged) when a server refuses them by name
 _MAX_RETRY_AFTER = 300.0
-_OUTCOME_CAP = 4096
+_OUTCOME_CAP = 4096          # outcomes kept for a batch's one-by-one re-run...
+_OUTCOME_TTL = 600.0         # ...and for at most this many seconds (the engine re-runs at once)
 
 # Pieces of a Qwen2 pre-token that its BPE usually keeps as one token (see the module docstring).
 _EST_PIECES = (r" ?-{1,16}| ?={1,16}"
@@ -286,7 +287,7 @@ class OpenAIBackend:
         self._template = _chat_template()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._outcomes: OrderedDict[tuple, Any] = OrderedDict()
+        self._outcomes: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()   # key -> (when, outcome)
         self._images: OrderedDict[int, tuple[Any, str]] = OrderedDict()
         self._dropped: set[str] = set()
         self.stats = {"requests": 0, "http_calls": 0, "retries": 0, "failed": 0, "in_flight": 0,
@@ -300,7 +301,7 @@ class OpenAIBackend:
             self.count_source = "estimated"
         self.info = {"base_url": self.base_url, "model": self.model, "identity": self.identity,
                      "concurrency": concurrency, "request_timeout": self.request_timeout, "max_retries": max_retries,
-                     "device": self.device, "token_counts": self.count_source, "tokenizer": source,
+                     "device": self.device, "dtype": "server", "token_counts": self.count_source, "tokenizer": source,
                      "image_tokens": {**QWEN3VL_IMAGE, **self._image_cfg}, "dropped_params": [], "stats": self.stats}
         if check:
             self.check()
@@ -384,7 +385,10 @@ class OpenAIBackend:
             with self._opener.open(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            msg = _server_message(e.read() or b"") or e.reason
+            try:
+                msg = _server_message(e.read() or b"") or str(e.reason)
+            except (OSError, HTTPException):
+                msg = str(e.reason)
             if e.code in RETRY_STATUSES:
                 raise _Retryable(f"HTTP {e.code}: {msg}", _retry_after(e.headers.get("Retry-After"))) from None
             raise _Refused(e.code, msg) from None
@@ -548,9 +552,11 @@ class OpenAIBackend:
         outcomes: list[Any] = [None] * len(requests)
         todo = []
         with self._lock:
+            while self._outcomes and next(iter(self._outcomes.values()))[0] < time.monotonic() - _OUTCOME_TTL:
+                self._outcomes.popitem(last=False)
             for i, k in enumerate(keys):
                 if k in self._outcomes:
-                    outcomes[i] = self._outcomes.pop(k)
+                    outcomes[i] = self._outcomes.pop(k)[1]
                     self.stats["reused_outcomes"] += 1
                 else:
                     todo.append(i)
@@ -569,7 +575,8 @@ class OpenAIBackend:
             raise outcomes[0]
         with self._lock:
             for k, o in zip(keys, outcomes):
-                self._outcomes[k] = o
+                self._outcomes[k] = (time.monotonic(), o)
+                self._outcomes.move_to_end(k)
             while len(self._outcomes) > _OUTCOME_CAP:
                 self._outcomes.popitem(last=False)
         raise BatchPartlyFailed(f"{len(failed)} of {len(requests)} requests failed "

@@ -15,14 +15,14 @@ _EXPORTS = {
     "xlsx_problem": "charts", "ChartRunner": "charts", "shutdown_runner": "charts",
     "chart_pass": "chart_code", "extract_code": "chart_code", "prepare_code": "chart_code",
     "Judge": "judge", "JudgeError": "judge", "parse_score": "judge",
-    "aggregate": "aggregate", "paper_table": "aggregate",
+    "aggregate": "aggregates", "paper_table": "aggregates",
     "score_record": "records", "rescore_records": "records", "xlsx_path_for": "records",
     "scoring_provenance": "records",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from hitbench_utils.scoring.aggregate import aggregate, paper_table
+    from hitbench_utils.scoring.aggregates import aggregate, paper_table
     from hitbench_utils.scoring.chart_code import chart_pass, extract_code, prepare_code
     from hitbench_utils.scoring.charts import (ChartRunner, library_versions, sandbox_info, score_chart,
                                                shutdown_runner, xlsx_problem)

@@ -43,6 +43,10 @@ def xlsx_problem(path: str | None) -> str | None:
         return f"xlsx is empty: {path}"
     if head.startswith(LFS_MAGIC):
         return f"xlsx is a Git LFS pointer stub, not a table: {path}. Fetch the LFS object (git lfs pull)."
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return f"xlsx is truncated or corrupt (not a zip archive): {path}. Fix: restore it from the dataset"
     return None
 
 

@@ -1,0 +1,262 @@
+"""Issue 5: our engine against the seed-style loop on the GPU, on the same stratified text_html subset.
+
+    python bench/throughput.py --prepare          # here (CPU): token counts of all 3,071 prompts, the
+                                                   # subset, scripted output lengths -> .device/
+    python bench/throughput.py --out bench/results          # on the GPU machine, with .device/ sent along
+
+Both loops send identical, identically truncated prompts (built by the run's own preparation code) to
+the 8B architecture with random weights and the real Qwen BPE. Output lengths are scripted per id from
+the real model's answers (clipped to max_new_tokens; the median, 13, where the original run had none),
+so batches finish as they would with the real model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+
+MAX_NEW = 1024
+MEDIAN_OUT = 13
+
+
+def _shared() -> Path:
+    return Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+
+
+def scripted_lengths(setting: str) -> tuple[dict[int, int], int]:
+    raw = json.loads((_shared() / "bench" / "output_tokens.json").read_text())[setting]
+    return {int(k): min(int(v), MAX_NEW) for k, v in raw.items()}, 0
+
+
+def do_prepare(n_tables: int, seed: int) -> None:
+    """Token counts of every text_html and text_latex prompt (real tokenizer, max 100K), and a subset."""
+    from hitbench_utils import data as D
+    from hitbench_utils.prompts import build_prompt, load_templates
+    from hitbench_utils.tokenization import qwen_bpe_from_files, shared_tokenizer_dir
+    from hitbench_utils.backends.tiny import chat_template
+
+    data = Path(subprocess.run([str(_shared() / "bin" / "realhitbench")], capture_output=True, text=True).stdout.strip())
+    tok = qwen_bpe_from_files(shared_tokenizer_dir())
+    tok.chat_template = chat_template()
+    t = load_templates()
+    qs = D.load_queries(data / "QA_final.json")
+    meta: dict[str, list] = {}
+    for fmt in ("html", "latex"):
+        lengths, _ = scripted_lengths(f"text_{fmt}")
+        table_tokens: dict[str, int | None] = {}
+        rows = []
+        for q in qs:
+            if q.file_name not in table_tokens:
+                try:
+                    table_tokens[q.file_name] = len(tok(D.read_table(data, fmt, q.file_name), add_special_tokens=False)["input_ids"])
+                except Exception:  # missing / LFS stub: the run makes an error record, no GPU work
+                    table_tokens[q.file_name] = None
+            tt = table_tokens[q.file_name]
+            if tt is None:
+                continue
+            p = build_prompt(t, q, "text", fmt, "")
+            over = len(tok.apply_chat_template(p.messages(table=""), tokenize=True, add_generation_prompt=True))
+            suffix = len(tok(p.suffix, add_special_tokens=False)["input_ids"])
+            prompt = min(100_000, over + tt)
+            rows.append({"id": q.id, "file": q.file_name, "group": f"{q.file_name}|{t.system(q)[:40]}",
+                         "prompt_tokens": prompt, "prefix_tokens": prompt - suffix, "out": lengths.get(q.id, MEDIAN_OUT),
+                         "out_scripted": q.id in lengths})
+        meta[f"text_{fmt}"] = rows
+        print(f"text_{fmt}: {len(rows)} prompts, {sum(r['prompt_tokens'] for r in rows)/1e6:.1f}M tokens, "
+              f"{sum(not r['out_scripted'] for r in rows)} ids without a scripted length (median {MEDIAN_OUT} used)")
+    # stratified subset: tables from 4 size buckets, every question on each chosen table
+    rows = meta["text_html"]
+    by_file = defaultdict(list)
+    for r in rows:
+        by_file[r["file"]].append(r)
+    buckets = [(1_000, 4_000), (4_000, 16_000), (16_000, 48_000), (48_000, 100_001)]
+    rng = random.Random(seed)
+    chosen: list[str] = []
+    for lo, hi in buckets:
+        files = sorted(f for f, rs in by_file.items() if lo <= max(r["prompt_tokens"] for r in rs) < hi and len(rs) >= 2)
+        chosen += rng.sample(files, min(n_tables // len(buckets), len(files)))
+    subset = [r for f in chosen for r in by_file[f]]
+    ids = sorted(r["id"] for r in subset)
+    by_id = {q.id: q.raw for q in qs}
+    print(f"subset: {len(ids)} queries on {len(chosen)} tables, prompts {min(r['prompt_tokens'] for r in subset):,}"
+          f"–{max(r['prompt_tokens'] for r in subset):,} tokens")
+    prepare(_shared(), files={"html": [f"{f}.html" for f in chosen]},
+            qa={"QA_bench.json": [by_id[i] for i in ids]},
+            extra={"bench_meta.json": {"subset_ids": ids, "lengths": {r["id"]: r["out"] for r in subset}, **meta}})
+
+
+def simulate_engine(rows: list[dict], batch_size: int) -> dict:
+    """The engine's work on a full run: each prefix once, then its questions in batches whose decode
+    takes as many steps as the longest scripted answer in the batch."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(r)
+    prefix = sum(max(x["prefix_tokens"] for x in g) for g in groups.values())
+    suffix = sum(r["prompt_tokens"] - r["prefix_tokens"] for r in rows)
+    steps = batches = 0
+    for g in groups.values():
+        for i in range(0, len(g), batch_size):
+            steps += max(x["out"] for x in g[i:i + batch_size])
+            batches += 1
+    return {"groups": len(groups), "prefix_tokens": prefix, "suffix_tokens": suffix, "decode_steps": steps,
+            "batches": batches}
+
+
+def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()   # --smoke also runs on a CPU: the same code path, tiny model
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+    from hitbench_utils.backends.base import GenSettings
+    from hitbench_utils.config import RunConfig
+    from hitbench_utils.prefix_engine import PrefixEngine
+    from hitbench_utils.run import Job
+
+    meta = json.loads((INPUTS / "bench_meta.json").read_text())
+    lengths = {int(k): v for k, v in meta["lengths"].items()}
+    if smoke:
+        from hitbench_utils.backends.hf import HFBackend
+        from hitbench_utils.backends.tiny import tiny_model_dir
+
+        t0 = time.time()
+        backend, build_s = HFBackend(tiny_model_dir(), device="cuda" if cuda else "cpu"), 0.0
+    else:
+        backend, build_s = build_random_8b(INPUTS / "qwen2")
+    cfg = RunConfig(data_path=str(INPUTS / "data"), qa_file=str(INPUTS / "data" / "QA_bench.json"), format="html",
+                    run_dir="/tmp/bench_run", max_new_tokens=MAX_NEW, max_reasks=0, score=False, limit=limit)
+    job = Job(cfg, backend=backend, progress=False)
+    job.header()
+    t0 = time.time()
+    prepared = [job._prepare(q, 1) for q in job.queries]
+    prep_s = time.time() - t0
+    reqs = [p.request for p in prepared if p.request is not None]
+    for r in reqs:
+        r.max_new_tokens = lengths.get(r.key, MEDIAN_OUT)
+    settings = GenSettings(max_new_tokens=MAX_NEW)
+    in_tokens = sum(r.input_tokens for r in reqs)
+    out_tokens = sum(r.max_new_tokens for r in reqs)
+
+    # warm-up (kernels, allocator), not timed
+    w = reqs[min(range(len(reqs)), key=lambda i: reqs[i].input_tokens)]
+    backend.generate([w], settings)
+    PrefixEngine(backend, batch_size=batch_size).run([w], settings).__next__()
+
+    # b1 decode step, eager: 64 tokens after a short prompt, minus the 1-token run
+    def timed(req, n):
+        req.max_new_tokens = n
+        sync()
+        t = time.perf_counter()
+        backend.generate([req], settings)
+        sync()
+        return time.perf_counter() - t
+    from copy import copy
+    probe = copy(w)
+    decode_ms_b1 = (timed(probe, 129) - timed(probe, 1)) / 128 * 1000
+    w.max_new_tokens = lengths.get(w.key, MEDIAN_OUT)
+
+    # (a) seed-style: batch 1, sequential, plain generate
+    reset_peak()
+    sync()
+    t0 = time.perf_counter()
+    seed_out = 0
+    for r in sorted(reqs, key=lambda r: r.key):
+        seed_out += backend.generate([r], settings)[0].output_tokens
+    sync()
+    seed_s = time.perf_counter() - t0
+    seed_peak = peak()
+
+    # (b) our engine: shared prefixes, batched questions, token budget
+    engine = PrefixEngine(backend, batch_size=batch_size)
+    reset_peak()
+    sync()
+    t0 = time.perf_counter()
+    eng_out, failures = 0, []
+    for r, res, steps in engine.run(reqs, settings):
+        if isinstance(res, BaseException):
+            failures.append((r.key, repr(res)[:200]))
+        else:
+            eng_out += res.output_tokens
+    sync()
+    engine_s = time.perf_counter() - t0
+    eng_peak = peak()
+    st = engine.stats
+
+    # projection from the engine's measured rates to every prompt of text_html and text_latex
+    prefill_rate = st["prefix_tokens"] / st["prefill_s"]
+    step_s = st["decode_s"] / max(1, st["decode_steps"])
+    projected = {}
+    for setting in ("text_html", "text_latex"):
+        sim = simulate_engine(meta[setting], batch_size)
+        secs = (sim["prefix_tokens"] + sim["suffix_tokens"]) / prefill_rate + sim["decode_steps"] * step_s
+        projected[setting] = {"minutes": round(secs / 60, 1), **sim}
+    seed_per_query = seed_s / len(reqs)
+    result = {
+        "device": device_name() + (" (smoke: tiny model)" if smoke else ""), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "date": time.strftime("%Y-%m-%d"), "model": "Qwen3-VL-8B architecture, random bf16 weights, sdpa",
+        "model_build_s": round(build_s, 1), "prepare_s": round(prep_s, 1),
+        "subset_size": len(reqs), "subset_tables": len({r.share_from and r.key for r in reqs}) and st["groups"],
+        "subset_input_tokens": in_tokens, "subset_output_tokens": out_tokens, "batch_size": batch_size,
+        "seed_style_s": round(seed_s, 2), "engine_s": round(engine_s, 2), "ratio": round(seed_s / engine_s, 2),
+        "seed_style_queries_per_hour": round(len(reqs) / seed_s * 3600), "engine_queries_per_hour": round(len(reqs) / engine_s * 3600),
+        "seed_style_peak_gib": round(seed_peak, 1), "engine_peak_gib": round(eng_peak, 1),
+        "engine_prefill_tok_s": round(prefill_rate), "engine_decode_ms_per_step": round(step_s * 1000, 1),
+        "engine_decode_tok_s": round(st["decode_rows"] / max(st["decode_s"], 1e-9)),
+        "seed_style_tok_s_overall": round((in_tokens + seed_out) / seed_s),
+        "decode_ms_per_step_b1": round(decode_ms_b1, 1), "decode_compiled": False,
+        "engine_stats": {k: round(v, 3) if isinstance(v, float) else v for k, v in st.items()},
+        "projected_minutes": {k: v["minutes"] for k, v in projected.items()}, "projection": projected,
+        "seed_style_projected_hours_text_html": round(seed_per_query * len(meta["text_html"]) / 3600, 2),
+        "failures": failures, "outputs_equal_scripted": seed_out == eng_out == out_tokens,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{result['date']}-{result['device'].replace(' ', '-')}.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "projection"}, indent=1))
+    print(f"\n| loop | wall s | queries/h | peak GiB |\n|---|---|---|---|\n"
+          f"| seed-style (b1, sequential) | {seed_s:.1f} | {result['seed_style_queries_per_hour']} | {seed_peak:.1f} |\n"
+          f"| engine (shared prefix, b{batch_size}) | {engine_s:.1f} | {result['engine_queries_per_hour']} | {eng_peak:.1f} |\n"
+          f"ratio {result['ratio']}x; projected engine text_html {projected['text_html']['minutes']} min, "
+          f"text_latex {projected['text_latex']['minutes']} min; decode b1 {decode_ms_b1:.1f} ms/step (eager)")
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", action="store_true")
+    ap.add_argument("--tables", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--smoke", action="store_true", help="the tiny model instead of the 8B (a logic check)")
+    a = ap.parse_args()
+    if a.prepare:
+        do_prepare(a.tables, a.seed)
+        return 0
+    run_bench(Path(a.out), a.batch_size, a.limit, a.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
