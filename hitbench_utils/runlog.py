@@ -26,6 +26,7 @@ class LogContents:
     records: list[dict]
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (1-based line number, reason)
     torn_tail: bool = False
+    valid_bytes: int = 0       # the length up to the last newline: what stays when a torn tail is cut
 
 
 def read_log(run_dir: str | os.PathLike) -> LogContents:
@@ -52,7 +53,7 @@ def read_log(run_dir: str | os.PathLike) -> LogContents:
             records.append(obj)
         else:
             bad.append((n, "not a sample record"))
-    return LogContents(header, records, bad, torn)
+    return LogContents(header, records, bad, torn, raw.rfind(b"\n") + 1)
 
 
 def view(records: Iterable[dict]) -> dict[int, dict]:
@@ -212,13 +213,10 @@ class RunLog:
         return log
 
     def _open_for_append(self, write_header: bool) -> None:
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            keep = raw.rfind(b"\n") + 1
-            if keep < len(raw):      # cut a torn tail so the file stays valid JSONL
-                with open(self.path, "r+b") as f:
-                    f.truncate(keep)
-                    os.fsync(f.fileno())
+        if self.contents.torn_tail:      # cut the torn tail (read_log found it) so the file stays valid JSONL
+            with open(self.path, "r+b") as f:
+                f.truncate(self.contents.valid_bytes)
+                os.fsync(f.fileno())
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if write_header:
             self._write(self.header)
