@@ -14,20 +14,22 @@ DEFAULT_MIN_PIXELS = 65_536
 DEFAULT_MAX_PIXELS = 16_777_216
 
 
-def smart_size(width: int, height: int, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) after Qwen's smart resize: multiples of 32, area within the budget, aspect kept."""
+def smart_size(width: int, height: int, min_pixels: int | None = None, max_pixels: int | None = None,
+               factor: int = FACTOR) -> tuple[int, int]:
+    """(width, height) after Qwen's smart resize: multiples of ``factor`` (patch × merge), area within the
+    budget, aspect kept."""
     lo = min_pixels or DEFAULT_MIN_PIXELS
     hi = max_pixels or DEFAULT_MAX_PIXELS
-    h = max(FACTOR, round(height / FACTOR) * FACTOR)
-    w = max(FACTOR, round(width / FACTOR) * FACTOR)
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
     if h * w > hi:
         beta = math.sqrt(height * width / hi)
-        h = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
-        w = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < lo:
         beta = math.sqrt(lo / (height * width))
-        h = math.ceil(height * beta / FACTOR) * FACTOR
-        w = math.ceil(width * beta / FACTOR) * FACTOR
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
     return w, h
 
 

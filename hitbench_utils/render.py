@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .data import is_lfs_pointer
 from .errors import MissingInputError
 
 MAX_SIDE = 16_384
@@ -37,7 +38,6 @@ FONT_PX, PAD_X, PAD_Y = 14, 6, 4
 MIN_COL_W, MAX_AUTO_COL_W, MAX_LINES, MAX_TEXT = 40, 320, 20, 2_000
 MAX_READ_ROWS, MAX_READ_COLS = MAX_SIDE // 20, MAX_SIDE // MIN_COL_W
 GRID_RGB, TEXT_RGB = (160, 160, 160), (0, 0, 0)
-_LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 
 
 @dataclass
@@ -117,9 +117,8 @@ def _check_input(path: Path) -> None:
     """Refuse missing files and Git LFS pointer stubs with a message that says how to fix it."""
     if not path.is_file():
         raise MissingInputError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        if f.read(len(_LFS_MAGIC)) == _LFS_MAGIC:
-            raise MissingInputError(f"{path} is a Git LFS pointer, not a table: fetch it with `git lfs pull`")
+    if is_lfs_pointer(path):
+        raise MissingInputError(f"{path} is a Git LFS pointer, not a table: fetch it with `git lfs pull`")
 
 
 def _theme_colors(theme_xml: bytes | str | None) -> list[str]:

@@ -209,13 +209,16 @@ class Job:
             try:
                 return self._fit_text(p, limit)
             except TruncationError:
-                img = p.image
-                if img is None or img.width * img.height <= self.config.oom_floor_pixels:
+                if p.image is None or p.image.width * p.image.height <= self.config.oom_floor_pixels:
                     raise
-                p.image = halve_pixels(img)
-                p.record.image_size_sent, p.record.image_tokens = list(p.image.size), self.backend.image_tokens(p.image)
-                p.record.degraded.append(f"image {img.width}x{img.height} -> {p.image.width}x{p.image.height} "
-                                         f"to fit max_input_tokens={limit}")
+                self._halve_image(p, f"to fit max_input_tokens={limit}")
+
+    def _halve_image(self, p: Prepared, why: str) -> None:
+        """Half the image's pixels, recorded: the last rung of fitting the limit and of the OOM ladder."""
+        w, h = p.image.size
+        p.image = halve_pixels(p.image)
+        p.record.image_size_sent, p.record.image_tokens = list(p.image.size), self.backend.image_tokens(p.image)
+        p.record.degraded.append(f"image {w}x{h} -> {p.image.width}x{p.image.height} {why}")
 
     def _fit_text(self, p: Prepared, limit: int) -> list[dict]:
         from .truncation import truncate_table
@@ -321,12 +324,8 @@ class Job:
                 msgs = self._fit(p, limit=limit)
                 rec.degraded.append(f"max_input_tokens {sent} -> {limit} after OOM")
             elif p.image is not None and p.image.width * p.image.height > floor_px:
-                w, h = p.image.size
-                p.image = halve_pixels(p.image)
-                rec.image_size_sent = list(p.image.size)
-                rec.image_tokens = self.backend.image_tokens(p.image)
+                self._halve_image(p, "after OOM")
                 msgs = self._fit(p, limit=p.limit)
-                rec.degraded.append(f"image {w}x{h} -> {p.image.width}x{p.image.height} after OOM")
             else:
                 return None
         except Exception as e:  # noqa: BLE001 - a failed degradation is the end of the ladder

@@ -52,7 +52,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -129,16 +128,12 @@ def openai_identity(model: str, base_url: str | None, tokenizer: str | None = No
 
 def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = QWEN3VL_IMAGE["min_pixels"],
                  max_pixels: int = QWEN3VL_IMAGE["max_pixels"]) -> tuple[int, int]:
-    """Qwen2-VL/Qwen3-VL's resize (same arithmetic as transformers' ``smart_resize``)."""
+    """Qwen2-VL/Qwen3-VL's resize as (height, width); refuses what transformers' ``smart_resize`` refuses."""
+    from ..images import smart_size
+
     if max(height, width) / max(1, min(height, width)) > 200:
         raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    w, h = smart_size(width, height, min_pixels, max_pixels, factor)
     return h, w
 
 

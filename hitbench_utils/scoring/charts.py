@@ -26,7 +26,7 @@ from hitbench_utils.scoring import chart_code
 __all__ = ["score_chart", "xlsx_problem", "library_versions", "sandbox_info", "ChartRunner", "get_runner",
            "shutdown_runner"]
 
-LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+from hitbench_utils.data import LFS_MAGIC  # noqa: E402 - one definition of a Git LFS pointer
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
