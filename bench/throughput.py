@@ -95,21 +95,138 @@ def do_prepare(n_tables: int, seed: int) -> None:
             extra={"bench_meta.json": {"subset_ids": ids, "lengths": {r["id"]: r["out"] for r in subset}, **meta}})
 
 
-def simulate_engine(rows: list[dict], batch_size: int) -> dict:
-    """The engine's work on a full run: each prefix once, then its questions in batches whose decode
-    takes as many steps as the longest scripted answer in the batch."""
+def fit_prefill(times: list[tuple[int, float]]) -> list[float]:
+    """Least squares t(P) = a + b*P + c*P^2 over the measured prefixes (attention makes it quadratic)."""
+    import torch
+
+    P = torch.tensor([float(p) for p, _ in times], dtype=torch.float64)
+    t = torch.tensor([float(x) for _, x in times], dtype=torch.float64)
+    X = torch.stack([torch.ones_like(P), P, P * P], dim=1)
+    coef = torch.linalg.lstsq(X, t[:, None]).solution[:, 0]
+    return [float(c) for c in coef]
+
+
+def fit_linear(times: list[tuple[int, float]]) -> list[float]:
+    """Least squares t(P) = a + b*P."""
+    import torch
+
+    X = torch.tensor([[1.0, float(p)] for p, _ in times], dtype=torch.float64)
+    t = torch.tensor([[float(x)] for _, x in times], dtype=torch.float64)
+    return [float(c) for c in torch.linalg.lstsq(X, t).solution[:, 0]]
+
+
+def fit_step(points: list[tuple[int, int, float]]) -> list[float]:
+    """Least squares step_s = a + b * slots * length: a replay reads the weights once and every slot's KV."""
+    import torch
+
+    X = torch.tensor([[1.0, float(sl * ln)] for sl, ln, _ in points], dtype=torch.float64)
+    t = torch.tensor([[float(x)] for _, _, x in points], dtype=torch.float64)
+    return [float(c) for c in torch.linalg.lstsq(X, t).solution[:, 0]]
+
+
+def simulate_decode(rows: list[dict], step: list[float], free_bytes: float, per_tok: int, max_slots: int) -> dict:
+    """The engine's pools on a full run: groups longest first, one pool per slot length, slots as the
+    engine sizes them from free memory; a pool needs max(decoded / slots, longest answer) steps."""
+    from hitbench_utils.decode_pool import bucket_length
+    from hitbench_utils.prefix_engine import PREFILL_ACTIVATIONS, RESERVE_BYTES
+
     groups = defaultdict(list)
     for r in rows:
         groups[r["group"]].append(r)
-    prefix = sum(max(x["prefix_tokens"] for x in g) for g in groups.values())
-    suffix = sum(r["prompt_tokens"] - r["prefix_tokens"] for r in rows)
-    steps = batches = 0
+    pools: dict[int, dict] = {}
     for g in groups.values():
-        for i in range(0, len(g), batch_size):
-            steps += max(x["out"] for x in g[i:i + batch_size])
-            batches += 1
-    return {"groups": len(groups), "prefix_tokens": prefix, "suffix_tokens": suffix, "decode_steps": steps,
-            "batches": batches}
+        need = max(x["prompt_tokens"] + x["out"] for x in g) + 1
+        p = pools.setdefault(bucket_length(need), {"prefix": 0, "decoded": 0, "longest": 0})
+        p["prefix"] = max(p["prefix"], max(x["prefix_tokens"] for x in g))
+        p["decoded"] += sum(max(0, x["out"] - 1) for x in g)
+        p["longest"] = max([p["longest"]] + [x["out"] for x in g])
+    secs = steps = 0.0
+    for length, p in pools.items():
+        room = free_bytes - p["prefix"] * per_tok * (1 + PREFILL_ACTIVATIONS) - RESERVE_BYTES
+        slots = max(1, min(max_slots, int(room // (length * per_tok))))
+        n = max(p["decoded"] / slots, p["longest"])
+        p.update(slots=slots, steps=round(n))
+        steps += n
+        secs += n * (step[0] + step[1] * slots * length)
+    return {"seconds": secs, "steps": round(steps), "pools": {str(k): v for k, v in sorted(pools.items())}}
+
+
+def project(rows: list[dict], coef: list[float], suffix_fit: list[float], decode: dict) -> dict:
+    """A full run from the measured parts: each prefix once (the fitted prefill time), the suffix of
+    every question after a group's first (fitted on its prefix length: the copy and the attention grow
+    with it), and the simulated decode (fitted step cost)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(r)
+    prefixes = [max(x["prefix_tokens"] for x in g) for g in groups.values()]
+    prefill = sum(max(0.0, coef[0] + coef[1] * p + coef[2] * p * p) for p in prefixes)
+    suffix = sum((len(g) - 1) * max(0.0, suffix_fit[0] + suffix_fit[1] * p) for g, p in zip(groups.values(), prefixes))
+    secs = prefill + suffix + decode["seconds"]
+    return {"minutes": round(secs / 60, 1), "groups": len(groups), "prefix_tokens": sum(prefixes),
+            "prefill_min": round(prefill / 60, 1), "suffix_min": round(suffix / 60, 1),
+            "decode_steps": decode["steps"], "decode_min": round(decode["seconds"] / 60, 1), "decode_pools": decode["pools"]}
+
+
+def pool_step_ms(backend, slots: int, length: int, graphs: bool, n: int = 100) -> float:
+    """One decode step of the slot pool, all slots busy (the compiled decode when graphs=True)."""
+    import torch
+    from hitbench_utils.decode_pool import SlotPool
+
+    pool = SlotPool(backend.model, slots, length, backend.device, graphs)
+    for s in range(slots):
+        pool.prefill(s, list(range(100, 612)), 0, 0)
+        pool.start(s, 7)
+    for _ in range(3):
+        pool.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        pool.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / n * 1000
+    del pool
+    return ms
+
+
+def first_logits_check(backend, reqs, n: int = 4) -> dict:
+    """bf16: the engine's first-token logits (prefix cache + slot prefill) against one plain forward."""
+    import torch
+    from hitbench_utils.backends.base import GenSettings
+    from hitbench_utils.decode_pool import SlotPool
+    from hitbench_utils.prefix_engine import PrefixEngine, _cache_kw
+
+    eng = PrefixEngine(backend, batch_size=1, graphs=False)
+    out = []
+    for r in sorted(reqs, key=lambda r: r.input_tokens)[:n]:
+        g = next(iter(eng._group([r])[0].values()))
+        cache, P, delta, _ = eng._prefix(g)    # this cache also holds the question: crop it below
+        pool = SlotPool(backend.model, 1, g.need(GenSettings(max_new_tokens=1)) + 8, backend.device, False)
+        pool.load_prefix(0, cache, P)
+        suffix = g.members[0].suffix_ids
+        got = pool.prefill(0, suffix, P, P + delta).float()
+        inputs = backend.processor(text=[backend.chat_text(r.messages)], return_tensors="pt").to(backend.device)
+        T = len(suffix)
+        with torch.no_grad():
+            ref = backend.model(**inputs, logits_to_keep=1).logits[0, -1].float()
+            # the same prefix cache, then the suffix through HF's own forward: how far two exact paths differ in bf16
+            cache.crop(-len(suffix))     # negative: "drop this many" on every transformers 5.x
+            pos = torch.arange(P + delta, P + delta + T, device=backend.device).view(1, 1, T).expand(3, 1, T)
+            kw = {_cache_kw(backend.model): cache}
+            hf_split = backend.model(input_ids=torch.tensor([suffix], device=backend.device), position_ids=pos,
+                                     cache_position=torch.arange(P, P + T, device=backend.device), use_cache=True,
+                                     logits_to_keep=1, **kw).logits[0, -1].float()
+        out.append({"id": r.key, "tokens": int(inputs["input_ids"].shape[1]),
+                    "engine_max_abs_diff": round(float((got - ref).abs().max()), 4),
+                    "hf_prefix_cache_max_abs_diff": round(float((hf_split - ref).abs().max()), 4),
+                    "ref_max_abs": round(float(ref.abs().max()), 3),
+                    "engine_same_argmax": bool(got.argmax() == ref.argmax()),
+                    "hf_prefix_cache_same_argmax": bool(hf_split.argmax() == ref.argmax())})
+        del cache, pool
+    return {"tolerance": "engine's max |diff| to one full forward <= 1.5x that of HF's own prefix-cache path + 1/16",
+            "samples": out,
+            "within": all(x["engine_max_abs_diff"] <= 1.5 * x["hf_prefix_cache_max_abs_diff"] + 0.0625 for x in out)}
 
 
 def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False) -> dict:
@@ -186,7 +303,10 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
     seed_s = time.perf_counter() - t0
     seed_peak = peak()
 
-    # (b) our engine: shared prefixes, batched questions, token budget
+    # (b) our engine: shared prefixes, continuous batching over slots, compiled decode step
+    from hitbench_utils.engine import free_memory
+    free_memory()     # the seed-style loop's cached blocks go back, as the engine's own pool sizing does
+    free_bytes = torch.cuda.mem_get_info()[0] if cuda else 8 * 2**30
     engine = PrefixEngine(backend, batch_size=batch_size)
     reset_peak()
     sync()
@@ -202,42 +322,65 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
     eng_peak = peak()
     st = engine.stats
 
-    # projection from the engine's measured rates to every prompt of text_html and text_latex
-    prefill_rate = st["prefix_tokens"] / st["prefill_s"]
+    graphs = cuda
+    compiled_b1 = pool_step_ms(backend, 1, 4096, graphs)
+    eager_b1_pool = pool_step_ms(backend, 1, 4096, False, 20)
+    step_32 = pool_step_ms(backend, 32, 4096, graphs)
+    step_8_32k = pool_step_ms(backend, 8, 32768, graphs)
+    logits_check = first_logits_check(backend, reqs)
+
+    # projection from the engine's measured parts to every prompt of text_html and text_latex
+    coef = fit_prefill(st["prefix_times"])
     step_s = st["decode_s"] / max(1, st["decode_steps"])
-    projected = {}
-    for setting in ("text_html", "text_latex"):
-        sim = simulate_engine(meta[setting], batch_size)
-        secs = (sim["prefix_tokens"] + sim["suffix_tokens"]) / prefill_rate + sim["decode_steps"] * step_s
-        projected[setting] = {"minutes": round(secs / 60, 1), **sim}
+    occupancy = st["decode_rows"] / max(1, st["decode_steps"])
+    suffix_fit = fit_linear(st["suffix_times"]) if len(st["suffix_times"]) >= 3 else [st["suffix_s"] / max(1, st["suffix_rows"]), 0.0]
+    points = [(p["slots"], p["length"], p["decode_s"] / p["steps"]) for p in st["pools"] if p["steps"] >= 20]
+    points += [(1, 4096, compiled_b1 / 1000), (32, 4096, step_32 / 1000), (8, 32768, step_8_32k / 1000)]
+    step_fit = fit_step(points)
+    from hitbench_utils.decode_pool import kv_bytes_per_token
+    per_tok = kv_bytes_per_token(backend.model)
+    projected = {k: project(meta[k], coef, suffix_fit, simulate_decode(meta[k], step_fit, free_bytes, per_tok, engine.max_slots))
+                 for k in ("text_html", "text_latex")}
     seed_per_query = seed_s / len(reqs)
     result = {
         "device": device_name() + (" (smoke: tiny model)" if smoke else ""), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "date": time.strftime("%Y-%m-%d"), "model": "Qwen3-VL-8B architecture, random bf16 weights, sdpa",
         "model_build_s": round(build_s, 1), "prepare_s": round(prep_s, 1),
-        "subset_size": len(reqs), "subset_tables": len({r.share_from and r.key for r in reqs}) and st["groups"],
+        "subset_size": len(reqs), "subset_groups": st["groups"],
         "subset_input_tokens": in_tokens, "subset_output_tokens": out_tokens, "batch_size": batch_size,
         "seed_style_s": round(seed_s, 2), "engine_s": round(engine_s, 2), "ratio": round(seed_s / engine_s, 2),
         "seed_style_queries_per_hour": round(len(reqs) / seed_s * 3600), "engine_queries_per_hour": round(len(reqs) / engine_s * 3600),
         "seed_style_peak_gib": round(seed_peak, 1), "engine_peak_gib": round(eng_peak, 1),
-        "engine_prefill_tok_s": round(prefill_rate), "engine_decode_ms_per_step": round(step_s * 1000, 1),
+        "engine_prefill_tok_s": round(st["prefix_tokens"] / st["prefill_s"]), "engine_prefill_s": round(st["prefill_s"], 1),
+        "engine_suffix_s": round(st["suffix_s"], 1), "engine_decode_s": round(st["decode_s"], 1),
+        "engine_graph_capture_s": round(st["capture_s"], 1),
+        "engine_decode_ms_per_step": round(step_s * 1000, 2), "engine_decode_rows_per_step": round(occupancy, 2),
         "engine_decode_tok_s": round(st["decode_rows"] / max(st["decode_s"], 1e-9)),
         "seed_style_tok_s_overall": round((in_tokens + seed_out) / seed_s),
-        "decode_ms_per_step_b1": round(decode_ms_b1, 1), "decode_compiled": False,
-        "engine_stats": {k: round(v, 3) if isinstance(v, float) else v for k, v in st.items()},
+        "decode_ms_per_step_b1": round(compiled_b1, 2), "decode_compiled": graphs,
+        "decode_ms_per_step_b1_eager_generate": round(decode_ms_b1, 1),
+        "decode_ms_per_step_b1_eager_pool": round(eager_b1_pool, 1),
+        "decode_ms_per_step_32x4096_compiled": round(step_32, 2),
+        "decode_ms_per_step_8x32768_compiled": round(step_8_32k, 2),
+        "decode_step_fit_s": {"a": step_fit[0], "b_per_slot_position": step_fit[1]}, "free_gib_at_engine_start": round(free_bytes / 2**30, 1),
+        "first_token_logits_bf16": logits_check, "prefill_fit_s": {"a": coef[0], "b_per_token": coef[1], "c_per_token2": coef[2]},
+        "suffix_fit_s": {"a": suffix_fit[0], "b_per_prefix_token": suffix_fit[1]},
+        "engine_stats": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items() if not k.endswith("_times")},
+        "prefix_times": st["prefix_times"], "suffix_times": st["suffix_times"],
         "projected_minutes": {k: v["minutes"] for k, v in projected.items()}, "projection": projected,
         "seed_style_projected_hours_text_html": round(seed_per_query * len(meta["text_html"]) / 3600, 2),
         "failures": failures, "outputs_equal_scripted": seed_out == eng_out == out_tokens,
     }
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{result['date']}-{result['device'].replace(' ', '-')}.json"
+    name = f"throughput-{result['date']}-{result['device'].replace(' ', '-')}.json"
     (out / name).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "projection"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_times") and k != "projection"}, indent=1))
     print(f"\n| loop | wall s | queries/h | peak GiB |\n|---|---|---|---|\n"
           f"| seed-style (b1, sequential) | {seed_s:.1f} | {result['seed_style_queries_per_hour']} | {seed_peak:.1f} |\n"
-          f"| engine (shared prefix, b{batch_size}) | {engine_s:.1f} | {result['engine_queries_per_hour']} | {eng_peak:.1f} |\n"
+          f"| engine (shared prefix, slots, graphs) | {engine_s:.1f} | {result['engine_queries_per_hour']} | {eng_peak:.1f} |\n"
           f"ratio {result['ratio']}x; projected engine text_html {projected['text_html']['minutes']} min, "
-          f"text_latex {projected['text_latex']['minutes']} min; decode b1 {decode_ms_b1:.1f} ms/step (eager)")
+          f"text_latex {projected['text_latex']['minutes']} min; decode b1 {compiled_b1:.1f} ms/step "
+          f"({'CUDA graph' if graphs else 'eager'}; eager generate {decode_ms_b1:.1f})")
     return result
 
 

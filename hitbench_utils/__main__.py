@@ -1,4 +1,4 @@
-"""Command line: status · grid · checkpoint · rescore · tiny · sample · report."""
+"""Command line: status · grid · checkpoint · rescore · render · tiny · sample · report · worker."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="tables (csv, md, tex), PNG figures and an HTML page from run folders")
     rp.add_argument("runs", nargs="+", help="run folders or globs")
     rp.add_argument("--out", default="report", help="the output folder (default: report)")
+    w = sub.add_parser("worker", help="one data-parallel rank (RANK/WORLD_SIZE/LOCAL_RANK from the environment, "
+                       "as accelerate launch sets them); see num_processes")
+    w.add_argument("spec", nargs="?", default=None, help="a launch.json (the run's parameters); or use -p")
+    w.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     a = ap.parse_args(argv)
 
     if a.cmd == "status":
@@ -101,6 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         from .sample_data import ensure_sample_dataset
 
         print(ensure_sample_dataset(a.out))
+        return 0
+    if a.cmd == "worker":
+        import os
+        import tempfile
+
+        from .parallel import rank_from_env, worker_config
+        from .run import Job
+
+        ranked = rank_from_env() or (0, 1, 0)
+        spec = a.spec
+        if spec is None:
+            fd, spec = tempfile.mkstemp(suffix=".json")
+            os.write(fd, json.dumps(_params(a.param)).encode())
+            os.close(fd)
+        job = Job(worker_config(spec, ranked[2]), progress=False)
+        s = job.execute()
+        print(s["verdict"])
         return 0
     if a.cmd == "report":
         from .report import build_report, text_table, write_html

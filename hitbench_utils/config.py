@@ -31,6 +31,7 @@ class RunConfig:
     overwrite: bool = False
     batch_size: int = 4
     token_budget: int | None = None
+    num_processes: int = 1                # >1: that many data-parallel workers (one per GPU), see parallel.py
     share_prefix: bool = True             # reuse each table's prefix KV cache across its questions
     max_input_tokens: int = 100_000
     max_new_tokens: int | None = None     # None: 1024, or the tiny model's cap of 32
@@ -69,7 +70,10 @@ class RunConfig:
         check_choice("modality", self.modality, MODALITIES)
         if self.modality != "image":
             check_choice("format", self.format, FORMATS)
-        for name in ("batch_size", "max_input_tokens", "max_attempts"):
+        if self.base_url and "," in self.base_url and self.num_processes < 2:
+            raise ConfigError("base_url", self.base_url, "one URL, or several (comma-separated) with num_processes ≥ 2",
+                              "give each worker its server with num_processes, or put the servers behind one load balancer")
+        for name in ("batch_size", "max_input_tokens", "max_attempts", "num_processes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, v, "an integer ≥ 1")

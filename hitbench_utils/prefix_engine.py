@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .backends.base import GenRequest, GenResult, GenSettings
+from .decode_pool import SlotPool, bucket_length, kv_bytes_per_token
 from .engine import Engine, free_memory, release_frames
+from .errors import status_of
 
 log = logging.getLogger("hitbench")
 
@@ -33,49 +35,193 @@ class _Split:
     prefix_text: str
     suffix_ids: list[int]
     key: str
+    prefix_len: int
+    prefix_ids: list[int]
 
 
 @dataclass
 class _Group:
     prefix_text: str
     image: Any
+    prefix_len: int
     members: list[_Split] = field(default_factory=list)
+
+    def need(self, settings: GenSettings) -> int:
+        """KV positions the longest question of the group can reach: prefix, suffix, answer."""
+        return self.prefix_len + max(len(m.suffix_ids) + _cap(m, settings) for m in self.members) + 1
 
 
 class PrefixEngine(Engine):
-    """An ``Engine`` for local HF models that shares prefix KV caches across questions."""
+    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``SlotPool``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Groups run longest first. Each group's prefix is computed once by the model's own forward, copied
+    into a free slot per question, and each question's suffix is prefilled there. Decode steps run
+    whenever the next question finds no free slot. A group that needs longer slots than the pool has
+    waits for the pool to drain, then gets a pool sized for it; the pool's slot count follows free memory.
+    """
+
+    def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stats = {"groups": 0, "batches": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_tokens": 0,
-                      "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0}
+        self.max_slots = max_slots
+        self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
+        self.pool: SlotPool | None = None
+        self.rows: dict[int, _Row] = {}
+        self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
+                      "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [], "capture_s": 0.0,
+                      "prefix_times": [], "suffix_times": []}
 
     def run(self, requests: list[GenRequest], settings: GenSettings
             ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
         groups, plain = self._group(requests)
         if plain:
             yield from super().run(plain, settings)
-        for g in sorted(groups.values(), key=lambda g: -len(g.prefix_text)):
-            step = self._suffix_batch(g)
-            for i in range(0, len(g.members), step):
-                batch = g.members[i:i + step]
-                try:
-                    results = self._generate_group(g, batch, settings)
-                except Exception as e:  # noqa: BLE001 - fall back to the plain engine, which isolates failures
-                    release_frames(e)
-                    free_memory()
-                    log.warning("shared-prefix batch of %d failed (%s): falling back to plain batches",
-                                len(batch), type(e).__name__)
-                    for r, res, steps in super().run([m.req for m in batch], settings):
-                        yield r, res, ["prefix sharing off after " + type(e).__name__] + steps
-                    continue
-                for m, res in zip(batch, results):
-                    yield m.req, res, []
+        self._gen = _generator(settings, self.backend.device)
+        try:
+            for g in sorted(groups.values(), key=lambda g: -g.need(settings)):
+                yield from self._run_group(g, settings)
+            yield from self._drain(settings)
+        finally:
+            self.pool, self.rows = None, {}
+            free_memory()
 
-    def _suffix_batch(self, g: _Group) -> int:
-        """Questions decoded together from one prefix: batch_size, fewer when their caches get large."""
-        tokens = max(1, len(g.prefix_text) // 3)
-        return max(1, min(self.batch_size, self.token_budget // tokens if self.token_budget else self.batch_size))
+    def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        yield from self._drain(settings)
+        self.pool = None
+        free_memory()
+
+    def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings
+                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        release_frames(e)
+        if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
+            yield from self._drop_pool(settings)
+        free_memory()
+        log.warning("shared-prefix work on %d question(s) failed (%s): falling back to plain batches",
+                    len(members), type(e).__name__)
+        for r, res, steps in super().run([m.req for m in members], settings):
+            yield r, res, ["prefix sharing off after " + type(e).__name__] + steps
+
+    def _run_group(self, g: "_Group", settings: GenSettings
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        need = g.need(settings)
+        if self.pool is not None and (need > self.pool.length or bucket_length(need) < self.pool.length):
+            yield from self._drop_pool(settings)
+        try:
+            cache, P, delta, first_logits = self._prefix(g)
+        except Exception as e:  # noqa: BLE001
+            if status_of(e) != "oom" or self.pool is None:
+                yield from self._fallback(g.members, e, settings)
+                return
+            release_frames(e)
+            yield from self._drop_pool(settings)     # the pool's memory is what the prefix lacked
+            try:
+                cache, P, delta, first_logits = self._prefix(g)
+            except Exception as e2:  # noqa: BLE001
+                yield from self._fallback(g.members, e2, settings)
+                return
+        if self.pool is None:
+            try:
+                self._new_pool(need, P)
+            except Exception as e:  # noqa: BLE001 - e.g. no memory for even one slot of this length
+                del cache
+                yield from self._fallback(g.members, e, settings)
+                return
+        for i, m in enumerate(g.members):
+            while self.pool is not None and not self.pool.free:
+                yield from self._step(settings)
+            if self.pool is None:      # a failure dropped the pool: the rest of this group runs plain
+                for r, res, steps in Engine.run(self, [x.req for x in g.members[i:]], settings):
+                    yield r, res, ["prefix sharing off after a decode failure"] + steps
+                break
+            slot = self.pool.take()
+            try:
+                t0 = time.perf_counter()
+                if i == 0:    # its suffix rode along in the prefix forward
+                    n = P + len(m.suffix_ids)
+                    self.pool.load_prefix(slot, cache, n)
+                    self.pool.place(slot, n, n + delta)
+                    logits = first_logits
+                else:
+                    self.pool.load_prefix(slot, cache, P)
+                    logits = self.pool.prefill(slot, m.suffix_ids, P, P + delta)
+                    self.stats["suffix_rows"] += 1
+                    self.stats["suffix_tokens"] += len(m.suffix_ids)
+                tok = int(_pick(logits[None].float(), settings, self._gen)[0])
+                _sync(self.backend.device)
+                if i:
+                    dt = time.perf_counter() - t0
+                    self.stats["suffix_s"] += dt
+                    self.stats["suffix_times"].append((P, round(dt, 4)))
+            except Exception as e:  # noqa: BLE001 - this question alone falls back
+                self.pool.release(slot)
+                yield from self._fallback([m], e, settings)
+                continue
+            row = _Row(m, P + len(m.suffix_ids), _cap(m, settings), t0, settings.max_time)
+            self.rows[slot] = row
+            if row.add(tok, self.backend.eos_ids):
+                yield self._finish(slot)
+            else:
+                self.pool.start(slot, tok)
+        del cache
+
+    def _new_pool(self, need: int, prefix_len: int) -> None:
+        self.pool = None
+        free_memory()
+        length, per_tok = bucket_length(need), kv_bytes_per_token(self.backend.model)
+        dev = str(self.backend.device)
+        if dev.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(dev))
+            # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
+            # their activations need about as much again
+            room = free - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
+        else:
+            room = self.token_budget * 8 * per_tok
+        slots = min(self.max_slots, int(room // (length * per_tok)))
+        if slots < 1:
+            from .errors import SampleOOM
+
+            raise SampleOOM(f"no room for one {length}-token decode slot ({room / 2**30:.1f} GiB left)")
+        self.pool = SlotPool(self.backend.model, slots, length, dev, self.graphs)
+        self.stats["pools"].append({"slots": slots, "length": length, "capture_s": round(self.pool.capture_s, 2),
+                                    "steps": 0, "rows": 0, "decode_s": 0.0})
+        self.stats["capture_s"] += self.pool.capture_s
+        log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
+
+    def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
+        """The model's own forward over the first question's whole prompt: the shared prefix's cache,
+        and that question's first-token logits, in one pass."""
+        import torch
+        from transformers import DynamicCache
+
+        be, model, first = self.backend, self.backend.model, g.members[0]
+        t0 = time.perf_counter()
+        if g.image is None:    # already tokenized by the split: no second pass through the processor
+            ids = torch.tensor([first.prefix_ids + first.suffix_ids], device=be.device)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            inputs = be.processor(text=[be.chat_text(first.req.messages)], images=[g.image],
+                                  return_tensors="pt").to(be.device)
+        P = inputs["input_ids"].shape[1] - len(first.suffix_ids)
+        inner = getattr(model, "model", model)
+        if hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+        cache = DynamicCache()
+        with torch.no_grad():
+            logits = model(**inputs, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+        delta = 0
+        if g.image is not None:
+            rd = getattr(inner, "rope_deltas", None)
+            if rd is None:
+                raise RuntimeError("the model did not expose rope_deltas for an image prefix")
+            delta = int(rd.reshape(-1)[0].item())
+        _sync(be.device)
+        self.stats["groups"] += 1
+        self.stats["prefix_tokens"] += P
+        dt = time.perf_counter() - t0
+        self.stats["prefill_s"] += dt
+        self.stats["prefix_times"].append((P, round(dt, 4)))
+        return cache, P, delta, logits
 
     # ---- splitting prompts into prefix + suffix ------------------------------------------------------
     def _group(self, requests: list[GenRequest]) -> tuple[dict[str, _Group], list[GenRequest]]:
@@ -86,7 +232,7 @@ class PrefixEngine(Engine):
             if s is None:
                 plain.append(r)
                 continue
-            g = groups.setdefault(s.key, _Group(s.prefix_text, r.image))
+            g = groups.setdefault(s.key, _Group(s.prefix_text, r.image, s.prefix_len))
             g.members.append(s)
         return groups, plain
 
@@ -108,105 +254,87 @@ class PrefixEngine(Engine):
             if be.tokenizer(prefix_text, add_special_tokens=False)["input_ids"] == ids[:k]:
                 img = b"" if r.image is None else hashlib.sha1(r.image.tobytes()).digest() + repr(r.image.size).encode()
                 key = hashlib.sha1(prefix_text.encode() + b"\0" + img).hexdigest()
-                return _Split(r, prefix_text, ids[k:], key)
+                extra = max(0, (r.input_tokens or 0) - len(ids)) if r.image is not None else 0  # image tokens
+                return _Split(r, prefix_text, ids[k:], key, k + extra, ids[:k])
             k -= 1
         return None
 
-    # ---- one prefix, several questions ---------------------------------------------------------------
-    def _generate_group(self, g: _Group, batch: list[_Split], settings: GenSettings) -> list[GenResult]:
-        import torch
-        from transformers import DynamicCache
-
-        be, model = self.backend, self.backend.model
-        dev = be.device
+    # ---- decoding -----------------------------------------------------------------------------------
+    def _step(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        pool = self.pool
         t0 = time.perf_counter()
-        inputs = be.processor(text=[g.prefix_text], images=[g.image] if g.image is not None else None,
-                              return_tensors="pt").to(dev)
-        P = inputs["input_ids"].shape[1]
-        inner = getattr(model, "model", model)
-        if hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None
-        with torch.inference_mode():
-            prefix_cache = DynamicCache()
-            model(**inputs, **{_cache_kw(model): prefix_cache}, use_cache=True, logits_to_keep=1)
-            _sync(dev)
-            self.stats["groups"] += 1
-            self.stats["prefix_tokens"] += P
-            self.stats["prefill_s"] += time.perf_counter() - t0
-            delta = 0
-            if g.image is not None:
-                rd = getattr(inner, "rope_deltas", None)
-                if rd is None:
-                    raise RuntimeError("the model did not expose rope_deltas for an image prefix")
-                delta = int(rd.reshape(-1)[0].item())
-            results = self._decode(prefix_cache, P, delta, batch, settings)
+        try:
+            logits = pool.step()
+            picks = _pick(logits.float(), settings, self._gen)
+            pool.tok[:len(picks)].copy_(picks)
+            toks = picks.tolist()
+        except Exception as e:  # noqa: BLE001 - every running question falls back to the plain engine
+            rows = [self.rows.pop(s).split for s in list(self.rows)]
+            self.pool = None
+            yield from self._fallback(rows, e, settings)
+            return
         dt = time.perf_counter() - t0
-        for res in results:
-            res.seconds = dt / len(batch)
-        return results
+        for d in (self.stats, self.stats["pools"][-1]):
+            d["decode_s"] += dt
+        self.stats["decode_steps"] += 1
+        self.stats["pools"][-1]["steps"] += 1
+        self.stats["decode_rows"] += len(self.rows)
+        self.stats["pools"][-1]["rows"] += len(self.rows)
+        now = time.perf_counter()
+        for slot in list(self.rows):
+            if self.rows[slot].add(toks[slot], self.backend.eos_ids, now):
+                yield self._finish(slot)
 
-    def _decode(self, prefix_cache: Any, P: int, delta: int, batch: list[_Split], settings: GenSettings
-                ) -> list[GenResult]:
-        import torch
-        from transformers import DynamicCache
+    def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        while self.rows and self.pool is not None:
+            yield from self._step(settings)
 
-        be, model, dev = self.backend, self.backend.model, self.backend.device
-        B = len(batch)
-        S = max(len(m.suffix_ids) for m in batch)
-        pad = be.pad_id if be.pad_id is not None else 0
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        smask = torch.zeros((B, S), dtype=torch.long, device=dev)
-        for i, m in enumerate(batch):   # left-pad: the pads sit between the prefix and each suffix, masked
-            ids[i, S - len(m.suffix_ids):] = torch.tensor(m.suffix_ids, device=dev)
-            smask[i, S - len(m.suffix_ids):] = 1
-        ck = _cache_kw(model)
-        cache = DynamicCache()
-        for li, layer in enumerate(prefix_cache.layers):
-            cache.update(layer.keys.repeat_interleave(B, 0), layer.values.repeat_interleave(B, 0), li)
-        amask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), smask], dim=1)
-        pos = P + delta + (smask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=amask, position_ids=pos.unsqueeze(0).expand(3, B, S),
-                    **{ck: cache}, cache_position=torch.arange(P, P + S, device=dev), use_cache=True,
-                    logits_to_keep=1)
-        nxt = pos[:, -1] + 1
-        _sync(dev)
-        t_dec = time.perf_counter()
-        self.stats["batches"] += 1
-        self.stats["suffix_tokens"] += int(smask.sum())
-        caps = [min(settings.max_new_tokens, m.req.max_new_tokens or settings.max_new_tokens) for m in batch]
-        eos = torch.tensor(sorted(be.eos_ids), device=dev)
-        gen = torch.Generator(device=dev).manual_seed(settings.seed) if not settings.greedy else None
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        deadline = time.perf_counter() + settings.max_time if settings.max_time else None
-        timed_out = False
-        for t in range(max(caps)):
-            tok = _pick(out.logits[:, -1, :].float(), settings, gen)
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            hit_eos = torch.isin(tok, eos)
-            for i, v in enumerate(tok.tolist()):
-                if not done[i] and not hit_eos[i]:
-                    tokens[i].append(v)
-            done = done | hit_eos | torch.tensor([len(tokens[i]) >= caps[i] for i in range(B)], device=dev)
-            if bool(done.all()):
-                break
-            if deadline and time.perf_counter() > deadline:
-                timed_out = True
-                break
-            amask = torch.cat([amask, torch.ones((B, 1), dtype=torch.long, device=dev)], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=amask, position_ids=nxt.view(1, B, 1).expand(3, B, 1),
-                        **{ck: cache}, cache_position=torch.tensor([P + S + t], device=dev), use_cache=True)
-            nxt = nxt + 1
-        _sync(dev)
-        self.stats["decode_s"] += time.perf_counter() - t_dec
-        self.stats["decode_steps"] += t + 1
-        self.stats["decode_rows"] += B * (t + 1)
-        results = []
-        for i, m in enumerate(batch):
-            text = be.tokenizer.decode(tokens[i], skip_special_tokens=True)
-            results.append(GenResult(text=text, output_tokens=len(tokens[i]), input_tokens=P + len(m.suffix_ids),
-                                     timed_out=timed_out and not bool(done[i])))
-        return results
+    def _finish(self, slot: int) -> tuple[GenRequest, GenResult, list[str]]:
+        row = self.rows.pop(slot)
+        self.pool.release(slot)
+        text = self.backend.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        res = GenResult(text=text, output_tokens=len(row.tokens), input_tokens=row.n_input,
+                        seconds=time.perf_counter() - row.t0, timed_out=row.timed_out)
+        return row.split.req, res, []
+
+
+PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
+RESERVE_BYTES = 2 * 2**30
+
+
+@dataclass
+class _Row:
+    split: _Split
+    n_input: int
+    cap: int
+    t0: float
+    max_time: float | None
+    tokens: list[int] = field(default_factory=list)
+    timed_out: bool = False
+
+    def add(self, tok: int, eos: Any, now: float | None = None) -> bool:
+        """Take one sampled token; True when the row is finished."""
+        if tok in eos:
+            return True
+        self.tokens.append(tok)
+        if len(self.tokens) >= self.cap:
+            return True
+        if self.max_time and now is not None and now - self.t0 > self.max_time:
+            self.timed_out = True
+            return True
+        return False
+
+
+def _cap(m: _Split, settings: GenSettings) -> int:
+    return min(settings.max_new_tokens, m.req.max_new_tokens or settings.max_new_tokens)
+
+
+def _generator(settings: GenSettings, device: Any) -> Any:
+    if settings.greedy:
+        return None
+    import torch
+
+    return torch.Generator(device=str(device)).manual_seed(settings.seed)
 
 
 def _sync(device: str) -> None:

@@ -48,6 +48,7 @@ class SampleRecord:
     score_status: str | None = None                # scored | unscored | error | missing_input | not_run
     score_error: str | None = None
     score_detail: dict | None = None               # chart error/artifacts, judge model...
+    logged_at: float | None = None                 # unix time the log got it (orders the ranks' logs)
 
     @classmethod
     def start(cls, q: Query, attempt: int) -> "SampleRecord":

@@ -22,7 +22,7 @@ from .images import fit_image, halve_pixels
 from .errors import ConfigError, SampleTimeout, TruncationError, status_of
 from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask_text
 from .records import SCHEMA_VERSION, SampleRecord
-from .runlog import RunLock, RunLog, attempts, ensure_run_dir, runnable
+from .runlog import RunLock, RunLog, attempts, ensure_run_dir, rank_log_name, runnable
 from .status import summarize, write_plan
 
 log = logging.getLogger("hitbench")
@@ -110,7 +110,8 @@ class Job:
             elif self.config.model.startswith("openai:"):
                 from .backends.openai import openai_identity
 
-                ident = openai_identity(self.config.model, self.config.base_url, self.config.tokenizer)
+                url = self.config.extra.get("base_url_fleet") or self.config.base_url
+                ident = openai_identity(self.config.model, url, self.config.tokenizer)
                 return ident, self.config.max_new_tokens or 1024, "server"
             else:
                 ident, default_new = model_identity(self.config.model), 1024
@@ -137,6 +138,14 @@ class Job:
 
     # ---- the run ----------------------------------------------------------------------------------
     def execute(self) -> dict:
+        """Run what is left of the plan; with ``num_processes`` > 1, as that many data-parallel workers."""
+        from .parallel import launch, rank_from_env
+
+        if self.config.num_processes > 1 and rank_from_env() is None:
+            return launch(self)
+        ranked = rank_from_env()
+        if ranked is not None and ranked[1] > 1:
+            return self._execute_rank(ranked[0])
         cfg, t_start = self.config, time.time()
         header = self.header()
         ensure_run_dir(self.run_dir)
@@ -161,19 +170,72 @@ class Job:
                 logging.getLogger("hitbench").removeHandler(handler)
                 handler.close()
 
+    def _execute_rank(self, rank: int) -> dict:
+        """One data-parallel worker: claim chunks until none is left, append to this rank's own log."""
+        from .parallel import Claims, ranked_world
+
+        cfg, t_start = self.config, time.time()
+        header = self.header()
+        ensure_run_dir(self.run_dir)
+        ids, cost = self._claim_order()
+        with RunLock(self.run_dir, name=f".lock.rank{rank}"):
+            handler = _attach_file_log(self.run_dir, f"run.rank{rank}.log")
+            claims = Claims(self.run_dir, rank)
+            try:
+                runlog = RunLog.open(self.run_dir, header, resume=True, name=rank_log_name(rank))
+                with claims.exclusive():
+                    write_plan(self.run_dir, ids, cfg.max_attempts)
+                self._run_chunks(runlog, claims.chunks(ids, self._chunk(), cfg.max_attempts, ranked_world(), cost))
+                runlog.close()
+                summary = summarize(self.run_dir)
+                with claims.exclusive():
+                    self._write_results(summary, time.time() - t_start)
+                log.info("rank %d: nothing left to claim; the run so far: %s", rank, summary["verdict"])
+                return summary
+            finally:
+                claims.close()
+                logging.getLogger("hitbench").removeHandler(handler)
+                handler.close()
+
     def _run_ids(self, runlog: RunLog, todo: set[int]) -> None:
+        tries = attempts(runlog.contents.records)
+        ids = [q.id for q in self.queries if q.id in todo]
+        chunk = self._chunk()
+        self._run_chunks(runlog, ((ids[i:i + chunk], tries) for i in range(0, len(ids), chunk)), len(ids))
+
+    def _claim_order(self) -> tuple[list[int], dict[int, float]]:
+        """Largest tables first, each table's questions together, and a cost per id (its table's bytes,
+        capped where truncation caps the prompt). Claims sized by cost, largest first, let ranks finish
+        close together; claims sized by count did not (an H100 pair: 1.34x, one rank holding the 17
+        largest questions), and a table's questions in one claim keep its shared prefix in one rank."""
+        sizes: dict[str, int] = {}
+        for q in self.queries:
+            if q.file_name not in sizes:
+                try:
+                    sizes[q.file_name] = D.table_path(self.data_path, self.config.fmt, q.file_name).stat().st_size
+                except (OSError, TypeError, ValueError):
+                    sizes[q.file_name] = 0
+        order = sorted(self.queries, key=lambda q: (-sizes[q.file_name], q.file_name, q.id))
+        cap = 4 * self.config.max_input_tokens        # about 4 bytes a token
+        return [q.id for q in order], {q.id: float(min(sizes[q.file_name], cap) + 2000) for q in order}
+
+    def _chunk(self) -> int:
+        """Queries prepared and handed to the engine at once. Text prompts: many, so the decode slots stay
+        full across tables (a chunk ends with a drain); with images, fewer, to bound the memory they hold."""
+        return 512 if self.config.modality == "text" else max(32, 8 * self.config.batch_size)
+
+    def _run_chunks(self, runlog: RunLog, chunks: Any, total: int | None = None) -> None:
+        """Prepare, generate, score and log each chunk of ids (with the attempts already made per id)."""
         from tqdm.auto import tqdm
 
         if self.backend is None:
             log.info("loading model %s (attn=%s, dtype=%s)", self.config.model, self.config.attn_implementation, self.config.dtype)
             self.backend = load_backend(self.config)
         engine = make_engine(self.backend, self.config)
-        tries = attempts(runlog.contents.records)
-        queries = [q for q in self.queries if q.id in todo]
-        chunk = max(32, 8 * self.config.batch_size)
-        bar = tqdm(total=len(queries), desc=f"{self.config.modality}_{self.config.fmt or 'png'}", disable=not self.progress)
-        for i in range(0, len(queries), chunk):
-            prepared = [self._prepare(q, tries.get(q.id, 0) + 1) for q in queries[i:i + chunk]]
+        by_id = {q.id: q for q in self.queries}
+        bar = tqdm(total=total, desc=f"{self.config.modality}_{self.config.fmt or 'png'}", disable=not self.progress)
+        for ids, tries in chunks:
+            prepared = [self._prepare(by_id[i], tries.get(i, 0) + 1) for i in ids]
             for rec in self._generate(engine, prepared):
                 t0 = time.perf_counter()
                 self._score(rec)
@@ -381,8 +443,8 @@ def _with_reask(messages: list[dict], reask: str) -> list[dict]:
     return out
 
 
-def _attach_file_log(run_dir: Path) -> logging.Handler:
-    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+def _attach_file_log(run_dir: Path, name: str = "run.log") -> logging.Handler:
+    h = logging.FileHandler(run_dir / name, encoding="utf-8")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     lg = logging.getLogger("hitbench")
     lg.setLevel(logging.INFO)

@@ -2,7 +2,9 @@
 
 samples.jsonl: line 1 is ``{"type": "header", ...}``; every other line is one flat record per attempt,
 fsync'd. The view keeps the latest record per id. A torn last line (kill -9 mid-write) is cut off
-before appending; a garbage line in the middle is reported with its number and skipped.
+before appending; a garbage line in the middle is reported with its number and skipped. Ranks of a
+data-parallel run write ``samples.rank<r>.jsonl``; ``read_log`` merges every ``samples*.jsonl`` in the
+order the records were logged.
 """
 from __future__ import annotations
 
@@ -20,6 +22,17 @@ LOG_NAME = "samples.jsonl"
 LOCK_NAME = ".lock"
 
 
+def rank_log_name(rank: int) -> str:
+    return f"samples.rank{rank}.jsonl"
+
+
+def log_files(run_dir: str | os.PathLike) -> list[Path]:
+    """samples.jsonl first, then the ranks' logs in rank order."""
+    run_dir = Path(run_dir)
+    ranks = sorted(run_dir.glob("samples.rank*.jsonl"), key=lambda p: (len(p.name), p.name))
+    return ([run_dir / LOG_NAME] if (run_dir / LOG_NAME).is_file() else []) + ranks
+
+
 @dataclass
 class LogContents:
     header: dict | None
@@ -27,10 +40,25 @@ class LogContents:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (1-based line number, reason)
     torn_tail: bool = False
     valid_bytes: int = 0       # the length up to the last newline: what stays when a torn tail is cut
+    headers: list[dict] = field(default_factory=list)    # every file's header (one per rank log)
 
 
 def read_log(run_dir: str | os.PathLike) -> LogContents:
-    path = Path(run_dir) / LOG_NAME
+    """Every log of the run folder, merged: records in the order they were logged (``logged_at``, then
+    each file's own order), bad lines named with their file, the first header."""
+    files = log_files(run_dir)
+    if len(files) <= 1:
+        return read_file(files[0] if files else Path(run_dir) / LOG_NAME)
+    parts = [read_file(f) for f in files]
+    header = next((c.header for c in parts if c.header is not None), None)
+    tagged = [(r.get("logged_at") or 0.0, k, n, r) for k, c in enumerate(parts) for n, r in enumerate(c.records)]
+    records = [r for *_, r in sorted(tagged, key=lambda t: (t[0], t[1], t[2]))]
+    bad = [(n, f"{f.name}: {why}") for f, c in zip(files, parts) for n, why in c.bad_lines]
+    return LogContents(header, records, bad, any(c.torn_tail for c in parts), 0,
+                       [c.header for c in parts if c.header is not None])
+
+
+def read_file(path: Path) -> LogContents:
     if not path.is_file():
         return LogContents(None, [])
     raw = path.read_bytes()
@@ -53,7 +81,7 @@ def read_log(run_dir: str | os.PathLike) -> LogContents:
             records.append(obj)
         else:
             bad.append((n, "not a sample record"))
-    return LogContents(header, records, bad, torn, raw.rfind(b"\n") + 1)
+    return LogContents(header, records, bad, torn, raw.rfind(b"\n") + 1, [header] if header else [])
 
 
 def view(records: Iterable[dict]) -> dict[int, dict]:
@@ -109,8 +137,8 @@ class RunLock:
     runs under a kernel lock on ``.lock.guard``, so two processes can never both judge a lock stale and
     both take it."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, run_dir: str | os.PathLike, name: str = LOCK_NAME) -> None:
+        self.path = Path(run_dir) / name
         self.held = False
 
     def owner(self) -> dict | None:
@@ -124,7 +152,7 @@ class RunLock:
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:
-            guard = os.open(self.path.with_name(LOCK_NAME + ".guard"), os.O_CREAT | os.O_RDWR, 0o644)
+            guard = os.open(self.path.with_name(self.path.name + ".guard"), os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise RunLogError(f"cannot write the lock in run folder {self.path.parent} ({e.strerror or e}). "
                               "Fix: choose a writable run_dir") from None
@@ -141,7 +169,7 @@ class RunLock:
                         f"since {time.ctime(other.get('since', 0))}. Fix: wait for it to finish, stop it, or, if that "
                         f"process is gone, delete {self.path}")
                 self.path.unlink(missing_ok=True)       # a dead owner's (or an unreadable) lock: take it over
-            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(me))
             try:
                 os.link(tmp, self.path)
@@ -182,13 +210,15 @@ def _stale(owner: dict) -> bool:
 class RunLog:
     """Writer for one run folder; open it with ``RunLog.open`` (which checks resume rules)."""
 
-    def __init__(self, run_dir: Path, header: dict, contents: LogContents) -> None:
+    def __init__(self, run_dir: Path, header: dict, contents: LogContents, name: str = LOG_NAME) -> None:
         self.run_dir, self.header, self.contents = run_dir, header, contents
-        self.path = run_dir / LOG_NAME
+        self.path = run_dir / name
         self._fd: int | None = None
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike, header: dict, *, resume: bool = True, overwrite: bool = False) -> "RunLog":
+    def open(cls, run_dir: str | os.PathLike, header: dict, *, resume: bool = True, overwrite: bool = False,
+             name: str = LOG_NAME) -> "RunLog":
+        """Open ``name`` for appending; resume decisions read every log of the folder (all ranks)."""
         run_dir = ensure_run_dir(run_dir)
         contents = read_log(run_dir)
         exists = contents.header is not None or contents.records
@@ -198,24 +228,26 @@ class RunLog:
                                      "resume=True to continue it, or overwrite=True to move it aside and start afresh")
             backup = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
             backup.mkdir()
-            for name in (LOG_NAME, "results.json", "checkpoint.json", "run.log"):
-                if (run_dir / name).exists():
-                    os.rename(run_dir / name, backup / name)
+            for f in [p.name for p in log_files(run_dir)] + ["results.json", "checkpoint.json", "run.log", "claims.jsonl"]:
+                if (run_dir / f).exists():
+                    os.rename(run_dir / f, backup / f)
             contents = LogContents(None, [])
         elif exists and contents.header is not None:
-            diff = fingerprint_diff(contents.header.get("fingerprint", {}), header["fingerprint"])
-            if diff:
-                raise FingerprintMismatch(str(run_dir), diff)
+            for h in contents.headers:
+                diff = fingerprint_diff(h.get("fingerprint", {}), header["fingerprint"])
+                if diff:
+                    raise FingerprintMismatch(str(run_dir), diff)
         elif exists:
             raise RunLogError(f"{run_dir / LOG_NAME} has records but no header line. Fix: move it aside and start afresh")
-        log = cls(run_dir, contents.header or header, contents)
-        log._open_for_append(write_header=contents.header is None)
+        log = cls(run_dir, contents.header or header, contents, name)
+        own = read_file(log.path) if len(log_files(run_dir)) > 1 or name != LOG_NAME else contents
+        log._open_for_append(own, write_header=own.header is None)
         return log
 
-    def _open_for_append(self, write_header: bool) -> None:
-        if self.contents.torn_tail:      # cut the torn tail (read_log found it) so the file stays valid JSONL
+    def _open_for_append(self, own: LogContents, write_header: bool) -> None:
+        if own.torn_tail:      # cut this file's torn tail (read_file found it) so it stays valid JSONL
             with open(self.path, "r+b") as f:
-                f.truncate(self.contents.valid_bytes)
+                f.truncate(own.valid_bytes)
                 os.fsync(f.fileno())
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if write_header:
@@ -229,6 +261,7 @@ class RunLog:
         os.fsync(self._fd)
 
     def append(self, record: dict) -> None:
+        record["logged_at"] = time.time()       # orders records across the ranks' logs
         self._write(record)
         self.contents.records.append(record)
 

@@ -50,6 +50,7 @@ def summarize(run_dir: str | os.PathLike) -> dict:
         "degraded": sum(bool(r.get("degraded")) for r in recs),
         "answer_format_failures": sum(r["status"] == "ok" and r.get("answer_format_ok") is False for r in recs),
         "remaining": len(never) + len(retryable), "never_run": len(never), "retryable": len(retryable),
+        "missing_ids": never,
         "attempts": sum(tries.values()), "bad_lines": contents.bad_lines, "torn_tail": contents.torn_tail,
         "header": bool(contents.header), "extra_records": len(set(latest) - set(ids)),
     }
@@ -74,6 +75,9 @@ def format_status(s: dict) -> str:
     lines += [f"truncated:   {s['truncated']}", f"degraded:    {s['degraded']}",
               f"no final-answer line (ok, not retried): {s['answer_format_failures']}",
               f"remaining:   {s['remaining']}"]
+    missing = s.get("missing_ids") or []
+    if missing:
+        lines.append(f"  never run: ids {', '.join(map(str, missing[:20]))}{' ...' if len(missing) > 20 else ''}")
     for n, why in s["bad_lines"]:
         lines.append(f"warning: samples.jsonl line {n} skipped: {why}")
     if s["torn_tail"]:

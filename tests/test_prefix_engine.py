@@ -35,20 +35,69 @@ def test_prefix_engine_matches_plain_generate_token_for_token(tiny_backend, samp
         assert got[k].text == plain[k].text and got[k].output_tokens == plain[k].output_tokens, k
 
 
-def test_per_request_cap_and_a_failing_group_falls_back(tiny_backend, sample_data, monkeypatch):
+def test_questions_of_different_tables_share_decode_steps_and_stay_exact(tiny_backend, sample_data):
+    """Continuous batching: with 3 slots, 40 questions on 10 tables decode together, and a finished
+    question's slot is refilled mid-stream, yet every output is still the plain generate's."""
+    reqs = requests(sample_data, "text", "csv", 40)
+    for i, r in enumerate(reqs):
+        r.max_new_tokens = 3 + (7 * i) % 17           # ragged lengths, so slots free up at different steps
+    settings = GenSettings(max_new_tokens=32)
+    plain = {r.key: tiny_backend.generate([r], settings)[0] for r in reqs}
+    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=3)
+    got = {r.key: res for r, res, _ in engine.run(reqs, settings)}
+    assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
+    st = engine.stats
+    assert all(p["slots"] == 3 for p in st["pools"])
+    # 3 slots kept busy: steps are about the decoded tokens / 3 (each first token comes from the
+    # question's prefill), far fewer than one answer after another
+    decoded = sum(v.output_tokens for v in plain.values()) - len(reqs)
+    assert decoded / 3 <= st["decode_steps"] < decoded / 2, (st["decode_steps"], decoded)
+    assert st["decode_rows"] > 2.5 * st["decode_steps"]
+
+
+@pytest.mark.parametrize("where", ["prefix", "prefix with a pool", "suffix", "step", "step mid-group"])
+def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny_backend, sample_data, monkeypatch, where):
+    reqs = requests(sample_data, "text", "csv", 6)
+    settings = GenSettings(max_new_tokens=4)
+    plain = {r.key: tiny_backend.generate([r], settings)[0].text for r in reqs}
+    # one slot: a question waits for the previous one's decode steps, so a step fails inside a group
+    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=1 if where == "step mid-group" else 32)
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == (2 if where == "prefix with a pool" else 1):
+            raise SampleOOM(f"injected OOM in the {where}")
+        return real(*a, **k)
+
+    from hitbench_utils.decode_pool import SlotPool
+    target = {"prefix": (PrefixEngine, "_prefix"), "prefix with a pool": (PrefixEngine, "_prefix"), "suffix": (SlotPool, "prefill"), "step": (SlotPool, "step"),
+              "step mid-group": (SlotPool, "step")}[where]
+    real = getattr(target[0], target[1])
+    monkeypatch.setattr(target[0], target[1], lambda *a, **k: boom(*a, **k))
+    out = list(engine.run(reqs, settings))
+    assert sorted(r.key for r, _, _ in out) == sorted(plain)           # nothing lost, nothing twice
+    assert all(not isinstance(res, BaseException) and res.text == plain[r.key] for r, res, _ in out)
+    fell = [r.key for r, _, steps in out if steps and steps[0].startswith("prefix sharing off after")]
+    if where == "prefix with a pool":   # the pool is drained and dropped, the prefix retried: no fallback
+        assert not fell and len(engine.stats["pools"]) == 2 and len(calls) == 1 + len(engine.stats["prefix_times"])
+        return
+    assert fell, "the failure must be visible in the records' degradation steps"
+    if where == "suffix":
+        assert len(fell) == 1                                           # only the question that failed
+    assert len(fell) < len(reqs) or where.startswith("step")
+
+
+def test_per_request_cap_and_max_time(tiny_backend, sample_data):
     reqs = requests(sample_data, "text", "csv", 6)
     for r in reqs:
         r.max_new_tokens = 3
     engine = PrefixEngine(tiny_backend, batch_size=4)
     assert all(res.output_tokens <= 3 for _, res, _ in engine.run(reqs, GenSettings(max_new_tokens=32)))
-
-    def boom(*a, **k):
-        raise SampleOOM("injected OOM in a shared-prefix batch")
-
-    monkeypatch.setattr(engine, "_generate_group", boom)
-    out = list(engine.run(reqs, GenSettings(max_new_tokens=4)))
-    assert len(out) == 6 and all(not isinstance(res, BaseException) for _, res, _ in out)
-    assert all(steps[0] == "prefix sharing off after SampleOOM" for _, _, steps in out)
+    for r in reqs:
+        r.max_new_tokens = None
+    out = list(PrefixEngine(tiny_backend, batch_size=4).run(reqs, GenSettings(max_new_tokens=4000, max_time=1e-9)))
+    assert len(out) == 6 and all(res.timed_out and 1 <= res.output_tokens <= 2 for _, res, _ in out)
 
 
 def test_job_uses_the_prefix_engine_for_hf_backends(tmp_path, tiny_backend, sample_data):
@@ -59,3 +108,19 @@ def test_job_uses_the_prefix_engine_for_hf_backends(tmp_path, tiny_backend, samp
     assert s["verdict"] == "complete"
     recs = view(read_log(tmp_path / "run").records)
     assert all(r["reasks"] == 1 and r["output_tokens"] == 32 for r in recs.values())
+
+
+@pytest.mark.parametrize("B,H,M,L", [(3, 2, 4, 4096), (1, 8, 256, 32768)])   # the second splits its queries
+def test_split_key_attention_matches_sdpa(B, H, M, L):
+    import torch
+    import torch.nn.functional as F
+
+    from hitbench_utils.decode_pool import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, K, V = (torch.randn(B, H, n, 16, generator=g) for n in (M, L, L))
+    lengths = torch.randint(1, L, (B,), generator=g)
+    mask = (torch.arange(L)[None, :] < lengths[:, None])[:, None, None, :].expand(B, 1, M, L)
+    ref = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=0.25)
+    got = attend(q, K, V, mask, 0.25)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-4)

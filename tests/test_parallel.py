@@ -1,0 +1,158 @@
+"""Data parallel on the CPU with the tiny model: dynamic claims, the merged view, resume with another
+number of processes, and a rank killed mid-run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hitbench_utils.parallel import Claims
+from hitbench_utils.run import Job, run
+from hitbench_utils.config import RunConfig
+from hitbench_utils.runlog import RunLog, read_log, view
+from hitbench_utils.status import summarize
+
+BASE = dict(format="csv", max_new_tokens=4, max_reasks=0, score=False, device="cpu", progress=False, batch_size=2)
+
+
+def one_record_per_id(run_dir: Path, n: int) -> list[dict]:
+    recs = read_log(run_dir).records
+    assert sorted(view(recs)) == sorted({r["id"] for r in recs}) and len(view(recs)) == n
+    ok = [r["id"] for r in recs if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == n, "an id was answered twice"
+    return recs
+
+
+def test_claims_are_disjoint_shrink_and_a_dead_ranks_claims_are_taken_over(tmp_path):
+    """A claim is at most n ids and at most half of what is left (per rank): big early, small late."""
+    a, b = Claims(tmp_path, 0), Claims(tmp_path, 1)
+    ids = list(range(1, 11))
+    assert a.next(ids, 3, 3)[0] == [1, 2, 3]
+    assert b.next(ids, 3, 3)[0] == [4, 5, 6]          # a's live claim is skipped
+    assert a.next(ids, 3, 3)[0] == [7, 8]             # a finished early: it takes more (2 of the 4 left)
+    assert a.next(ids, 3, 3)[0] == [9]
+    a.close()                                          # a dies with 1-3 and 7-9 unfinished
+    assert b.next(ids, 4, 3)[0] == [1, 2, 3]          # b takes them over (its own 4-6 stay its own)
+    # done ids (ok in any log) are never claimed again
+    log = RunLog.open(tmp_path, {"type": "header", "fingerprint": {}}, name="samples.rank1.jsonl")
+    log.append({"id": 10, "status": "ok"})
+    log.close()
+    assert b.next(ids, 5, 3)[0] == [7]
+    b.close()
+    c = Claims(tmp_path, 0)                            # a later run, with any number of ranks
+    assert c.next(ids, 20, 3, world=1)[0] == [1, 2, 3, 4]
+    c.close()
+
+
+def test_claims_sized_by_cost_give_the_heaviest_work_out_one_piece_at_a_time(tmp_path):
+    """Largest first: the first claims are single heavy ids, later ones bundle many light ids."""
+    cost = {1: 50.0, 2: 30.0, **{i: 1.0 for i in range(3, 23)}}          # total 100
+    a, b = Claims(tmp_path, 0), Claims(tmp_path, 1)
+    ids = list(range(1, 23))
+    assert a.next(ids, 512, 3, world=2, cost=cost)[0] == [1]             # 50 > 100/4, but a claim takes one
+    assert b.next(ids, 512, 3, world=2, cost=cost)[0] == [2]             # 30 > 50/4
+    got = b.next(ids, 512, 3, world=2, cost=cost)[0]
+    assert got == [3, 4, 5, 6, 7]                                          # 5 of the 20 light ones (20/4)
+    a.close()
+    b.close()
+
+
+def test_two_processes_merge_to_one_record_per_id_then_resume_with_one(tmp_path, sample_data):
+    run_dir = tmp_path / "run"
+    s = run(data_path=str(sample_data), run_dir=str(run_dir), limit=16, num_processes=2, **BASE)
+    assert s["verdict"] == "complete" and [r["returncode"] for r in s["ranks"]] == [0, 0], s
+    logs = {p.name: [json.loads(x) for x in p.read_text().splitlines()[1:]] for p in run_dir.glob("samples.rank*.jsonl")}
+    assert set(logs) == {"samples.rank0.jsonl", "samples.rank1.jsonl"} and all(logs.values())   # both ranks worked
+    claims = [json.loads(x) for x in (run_dir / "claims.jsonl").read_text().splitlines()]
+    claimed = [i for c in claims for i in c["ids"]]
+    assert sorted(claimed) == sorted(set(claimed)) and len(claims) > 2   # shrinking claims, never overlapping
+    one_record_per_id(run_dir, 16)
+    # resume with one process over a bigger plan: only the 8 new ids run, into samples.jsonl
+    s1 = run(data_path=str(sample_data), run_dir=str(run_dir), limit=24, **BASE)
+    assert s1["verdict"] == "complete" and s1["total"] == 24
+    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 1 + 8
+    one_record_per_id(run_dir, 24)
+    # and with two again: nothing left, nothing appended
+    before = {p.name: p.stat().st_size for p in run_dir.glob("samples*.jsonl")}
+    s2 = run(data_path=str(sample_data), run_dir=str(run_dir), limit=24, num_processes=2, **BASE)
+    assert s2["verdict"] == "complete"
+    assert {p.name: p.stat().st_size for p in run_dir.glob("samples*.jsonl")} == before
+
+
+def test_a_killed_rank_loses_only_its_in_flight_samples(tmp_path, sample_data):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = run_dir / "launch.json"
+    spec.write_text(json.dumps(dict(BASE, data_path=str(sample_data), run_dir=str(run_dir), limit=40, max_new_tokens=16)))
+    procs = {}
+    for r in (0, 1):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r))
+        procs[r] = subprocess.Popen([sys.executable, "-m", "hitbench_utils", "worker", str(spec)], env=env,
+                                    stdout=open(tmp_path / f"rank{r}.out", "w"), stderr=subprocess.STDOUT)
+    log1 = run_dir / "samples.rank1.jsonl"
+    t0 = time.monotonic()
+    while not (log1.exists() and log1.read_text().count("\n") >= 2):      # header + one record
+        assert procs[1].poll() is None and time.monotonic() - t0 < 300, (tmp_path / "rank1.out").read_text()[-2000:]
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    assert procs[1].wait() == -signal.SIGKILL
+    assert procs[0].wait(timeout=600) == 0, (tmp_path / "rank0.out").read_text()[-2000:]
+    claims = [json.loads(x) for x in (run_dir / "claims.jsonl").read_text().splitlines()]
+    rank1_claimed = {i for c in claims if c["rank"] == 1 for i in c["ids"]}
+    s = summarize(run_dir)
+    # what is missing can only be work rank 1 held when it died (rank 0 takes over orphans it sees)
+    assert set(s["missing_ids"]) <= rank1_claimed, (s["missing_ids"], rank1_claimed)
+    done_by_1 = {json.loads(x)["id"] for x in log1.read_text().splitlines()[1:] if x.strip()}
+    assert done_by_1 and not (done_by_1 & set(s["missing_ids"]))          # rank 1's finished work is kept
+    from hitbench_utils.status import format_status
+    assert all(str(i) in format_status(s) for i in s["missing_ids"][:20])  # status names what is missing
+    # a resume with one process finishes the run; every id answered exactly once
+    s2 = run(data_path=str(sample_data), run_dir=str(run_dir), limit=40, **dict(BASE, max_new_tokens=16))
+    assert s2["verdict"] == "complete", s2
+    one_record_per_id(run_dir, 40)
+
+
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import accelerate"]).returncode != 0, reason="accelerate is not installed")
+def test_accelerate_launch_runs_the_same_workers(tmp_path, sample_data):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = run_dir / "launch.json"
+    spec.write_text(json.dumps(dict(BASE, data_path=str(sample_data), run_dir=str(run_dir), limit=12)))
+    # on a machine without GPUs, --multi_gpu still starts the processes (torchrun); the ranks need no GPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hitbench_utils", "worker", str(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert {x.name for x in run_dir.glob("samples.rank*.jsonl")} == {"samples.rank0.jsonl", "samples.rank1.jsonl"}
+    assert summarize(run_dir)["verdict"] == "complete"
+    one_record_per_id(run_dir, 12)
+
+
+def test_num_processes_is_validated():
+    from hitbench_utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_processes"):
+        RunConfig(num_processes=0).validate()
+
+
+def test_a_fleet_of_servers_gives_each_worker_its_own_url(tmp_path, monkeypatch):
+    from hitbench_utils.errors import ConfigError
+    from hitbench_utils.parallel import worker_config
+
+    fleet = "http://h1:8000/v1,http://h2:8000/v1"
+    with pytest.raises(ConfigError, match="num_processes"):
+        RunConfig(model="openai:m", base_url=fleet).validate()
+    spec = tmp_path / "launch.json"
+    spec.write_text(json.dumps({"model": "openai:m", "base_url": fleet, "num_processes": 2}))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = worker_config(spec, 1)
+    assert cfg.base_url == "http://h2:8000/v1" and cfg.extra["base_url_fleet"] == fleet
+    cfg.validate()
+    # every worker's fingerprint names the whole fleet, so their logs stay one run
+    ident = Job(cfg, progress=False)._identity()[0]
+    assert ident["base_url"] == fleet
