@@ -70,11 +70,16 @@ def main() -> int:
             tok.backend_tokenizer.encode(table, add_special_tokens=False)
             plain = time.perf_counter() - t0
             timed.update(tokenize=0.0, verify=0.0)
+            T._RECENT.clear()    # a cold cut: the table's tokenization is kept for its next questions
             t0 = time.perf_counter()
             cut = T.truncate_table(table, fmt, budget=args.budget, tokenizer=tok)
             total = time.perf_counter() - t0
-            runs.append({"run": i + 1, "plain_encode_s": plain, "tokenize_s": timed["tokenize"], "verify_s": timed["verify"],
-                         "cut_s": total - timed["tokenize"] - timed["verify"], "total_s": total,
+            cold = dict(timed)
+            t0 = time.perf_counter()    # the next question on the same table, a few tokens less room
+            T.truncate_table(table, fmt, budget=args.budget - 37, tokenizer=tok)
+            warm = time.perf_counter() - t0
+            runs.append({"run": i + 1, "plain_encode_s": plain, "tokenize_s": cold["tokenize"], "verify_s": cold["verify"],
+                         "cut_s": total - cold["tokenize"] - cold["verify"], "total_s": total, "same_table_again_s": warm,
                          "tokens_before": cut.tokens_original, "tokens_after": cut.tokens_kept,
                          "rows_total": cut.rows_total, "rows_dropped": cut.rows_dropped})
     finally:
@@ -88,7 +93,8 @@ def main() -> int:
         print(f"{r['run']:>3} {r['plain_encode_s']:>14.3f} {r['tokenize_s']:>10.3f} {r['cut_s']:>7.3f} {r['verify_s']:>8.3f} {r['total_s']:>8.3f} "
               f"{r['tokens_before']:>14,} {r['tokens_after']:>13,} {r['rows_dropped']:>6,} of {r['rows_total']:,}")
     best = min(r["total_s"] for r in runs)
-    print(f"best total {best:.3f} s, median {sorted(r['total_s'] for r in runs)[len(runs) // 2]:.3f} s")
+    print(f"best total {best:.3f} s, median {sorted(r['total_s'] for r in runs)[len(runs) // 2]:.3f} s; "
+          f"the same table's next question: {min(r['same_table_again_s'] for r in runs):.3f} s")
     if args.out:
         out = REPO / "bench" / "results" / f"truncate-{dt.date.today().isoformat()}-cpu.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,10 @@ import json
 import os
 import re
 from bisect import bisect_left, bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 from .errors import TruncationError
 
@@ -254,12 +256,30 @@ def _marker_block(table: str, fmt: str, parts: TableRows, msg: str, kept: int, p
     return lead + line + tail
 
 
+_RECENT: "OrderedDict[tuple, tuple[Any, str, TableRows, _Offsets]]" = OrderedDict()
+_RECENT_SIZE = 4
+
+
+def _analysed(table: str, fmt: str, header_rows: int, tokenizer) -> tuple["TableRows", _Offsets]:
+    """Rows and token offsets of a table, kept for the last few tables: every question on a table cuts
+    the same text (with budgets a few tokens apart), and the tokenization is most of a cut's time."""
+    key = (id(tokenizer), fmt, header_rows, len(table), hash(table))
+    hit = _RECENT.get(key)
+    if hit is not None and hit[0] is tokenizer and hit[1] == table:   # the entry holds both, so ids stay unique
+        _RECENT.move_to_end(key)
+        return hit[2], hit[3]
+    parts, offs = split_rows(table, fmt, header_rows), _Offsets(tokenizer, table)
+    _RECENT[key] = (tokenizer, table, parts, offs)
+    while len(_RECENT) > _RECENT_SIZE:
+        _RECENT.popitem(last=False)
+    return parts, offs
+
+
 def truncate_table(table: str, fmt: str, *, budget: int, tokenizer,
                    header_rows: int = DEFAULT_HEADER_ROWS) -> TableCut:
     """``table`` cut to at most ``budget`` tokens at row boundaries for ``fmt`` (see module docstring)."""
-    parts = split_rows(table, fmt, header_rows)
+    parts, offs = _analysed(table, fmt, header_rows, tokenizer)
     total_rows, head = len(parts.rows), parts.header_count
-    offs = _Offsets(tokenizer, table)
     if offs.total <= budget or not table:  # an empty table is the caller's business: returned as is
         return TableCut(table, offs.total, offs.total, False, total_rows, 0, head)
     pre_end, post = len(parts.preamble), len(table) - len(parts.trailer)

@@ -285,3 +285,17 @@ def test_padding_left_on_by_a_batch_call_does_not_skew_counts(tok):
 
 def test_marker_is_a_format_string():
     assert T.OMISSION_MARKER.format(dropped=812, total=1024) == "[... 812 of 1,024 rows omitted to fit the token limit ...]"
+
+
+def test_a_table_is_tokenized_once_for_all_its_questions(monkeypatch, tok):
+    """Questions on one table cut the same text with budgets a few tokens apart: one tokenization."""
+    table = "| a | b |\n|---|---|\n" + "".join(f"| row {i} | {i * 7} |\n" for i in range(400))
+    calls = []
+    real = T._Offsets.__init__
+    monkeypatch.setattr(T._Offsets, "__init__", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    T._RECENT.clear()
+    cuts = [T.truncate_table(table, "markdown", budget=b, tokenizer=tok) for b in (900, 897, 903, 900)]
+    assert len(calls) == 1
+    T._RECENT.clear()
+    fresh = [T.truncate_table(table, "markdown", budget=b, tokenizer=tok) for b in (900, 897, 903, 900)]
+    assert cuts == fresh and all(c.truncated and c.tokens_kept <= b for c, b in zip(cuts, (900, 897, 903, 900)))
