@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -15,6 +16,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hitbench_utils.records import SampleRecord  # noqa: E402
 from hitbench_utils.runlog import RunLog  # noqa: E402
+
+
+def _fstype(path: str) -> str:
+    """The filesystem type under ``path`` (from /proc/mounts), not the path: results name no machine's paths."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            mnt, fs = line.split()[1], line.split()[2]
+            if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
+                best, kind = mnt, fs
+    except OSError:
+        pass
+    return kind
 
 
 def main() -> int:
@@ -40,7 +54,7 @@ def main() -> int:
     times.sort()
     res = {"records": a.n, "record_bytes": round(size / (a.n + 1)), "median_ms": round(statistics.median(times) * 1e3, 3),
            "p99_ms": round(times[int(0.99 * len(times))] * 1e3, 3), "max_ms": round(times[-1] * 1e3, 3),
-           "device": "cpu", "filesystem_dir": a.dir or tempfile.gettempdir(), "date": time.strftime("%Y-%m-%d")}
+           "device": "cpu", "filesystem": _fstype(a.dir or tempfile.gettempdir()), "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(res, indent=1))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
