@@ -29,7 +29,7 @@ class RunConfig:
     run_dir: str | None = None            # None: runs/<model>_<modality>[_<format>][_<qa stem>]
     resume: bool = True
     overwrite: bool = False
-    batch_size: int = 4
+    batch_size: int = 4                   # plain engine: prompts per batch (shared-prefix decode slots follow memory)
     token_budget: int | None = None
     num_processes: int = 1                # >1: that many data-parallel workers (one per GPU), see parallel.py
     share_prefix: bool = True             # reuse each table's prefix KV cache across its questions
