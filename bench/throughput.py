@@ -95,33 +95,27 @@ def do_prepare(n_tables: int, seed: int) -> None:
             extra={"bench_meta.json": {"subset_ids": ids, "lengths": {r["id"]: r["out"] for r in subset}, **meta}})
 
 
-def fit_prefill(times: list[tuple[int, float]]) -> list[float]:
-    """Least squares t(P) = a + b*P + c*P^2 over the measured prefixes (attention makes it quadratic)."""
+def fit(rows: list[list[float]], t: list[float]) -> list[float]:
+    """Least squares coefficients of t = rows · coef (float64)."""
     import torch
 
-    P = torch.tensor([float(p) for p, _ in times], dtype=torch.float64)
-    t = torch.tensor([float(x) for _, x in times], dtype=torch.float64)
-    X = torch.stack([torch.ones_like(P), P, P * P], dim=1)
-    coef = torch.linalg.lstsq(X, t[:, None]).solution[:, 0]
-    return [float(c) for c in coef]
+    X = torch.tensor(rows, dtype=torch.float64)
+    return [float(c) for c in torch.linalg.lstsq(X, torch.tensor(t, dtype=torch.float64)[:, None]).solution[:, 0]]
+
+
+def fit_prefill(times: list[tuple[int, float]]) -> list[float]:
+    """t(P) = a + b*P + c*P^2 over the measured prefixes (attention makes it quadratic)."""
+    return fit([[1.0, float(p), float(p) ** 2] for p, _ in times], [x for _, x in times])
 
 
 def fit_linear(times: list[tuple[int, float]]) -> list[float]:
-    """Least squares t(P) = a + b*P."""
-    import torch
-
-    X = torch.tensor([[1.0, float(p)] for p, _ in times], dtype=torch.float64)
-    t = torch.tensor([[float(x)] for _, x in times], dtype=torch.float64)
-    return [float(c) for c in torch.linalg.lstsq(X, t).solution[:, 0]]
+    """t(P) = a + b*P."""
+    return fit([[1.0, float(p)] for p, _ in times], [x for _, x in times])
 
 
 def fit_step(points: list[tuple[int, int, float]]) -> list[float]:
-    """Least squares step_s = a + b * slots * length: a replay reads the weights once and every slot's KV."""
-    import torch
-
-    X = torch.tensor([[1.0, float(sl * ln)] for sl, ln, _ in points], dtype=torch.float64)
-    t = torch.tensor([[float(x)] for _, _, x in points], dtype=torch.float64)
-    return [float(c) for c in torch.linalg.lstsq(X, t).solution[:, 0]]
+    """step_s = a + b * slots * length: a replay reads the weights once and every slot's KV."""
+    return fit([[1.0, float(sl * ln)] for sl, ln, _ in points], [x for _, _, x in points])
 
 
 def simulate_decode(rows: list[dict], step: list[float], free_bytes: float, per_tok: int, max_slots: int) -> dict:

@@ -2,7 +2,7 @@
 
 ``FaultyBackend(inner, faults={id: "oom" | "timeout" | "exception", ...})`` raises the chosen error
 whenever a batch contains a chosen id (optionally only for its first ``times`` calls), and counts the
-calls each id received.
+calls each id received. ``OracleBackend`` answers with the references, so scoring paths see full marks.
 """
 from __future__ import annotations
 
@@ -59,3 +59,24 @@ class FaultyBackend:
                 self.fired[r.key] += 1
                 raise make_fault(kind)
         return self.inner.generate(requests, settings)
+
+
+class OracleBackend:
+    """Answers each question in ``only`` (all when None) with its reference (code for charts); the rest
+    go to ``inner``. Tokenizer and counts come from ``inner``."""
+
+    def __init__(self, inner: Any, queries: list, only: set[int] | None = None) -> None:
+        self.inner, self.only = inner, only
+        self.answers = {q.id: q.raw["FinalAnswer"] for q in queries}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _knows(self, key: Any) -> bool:
+        return self.only is None or key in self.only
+
+    def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
+        rest = [r for r in requests if not self._knows(r.key)]
+        it = iter(self.inner.generate(rest, settings) if rest else [])
+        return [GenResult(f"Reasoning...\n[Final Answer]: {self.answers[r.key]}", 5) if self._knows(r.key) else next(it)
+                for r in requests]

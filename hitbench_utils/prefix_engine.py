@@ -164,8 +164,7 @@ class PrefixEngine(Engine):
         del cache
 
     def _new_pool(self, need: int, prefix_len: int) -> None:
-        self.pool = None
-        free_memory()
+        free_memory()        # the prefix's activations go back before free memory is read
         length, per_tok = bucket_length(need), kv_bytes_per_token(self.backend.model)
         dev = str(self.backend.device)
         if dev.startswith("cuda"):

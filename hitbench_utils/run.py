@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ from .images import fit_image, halve_pixels
 from .errors import ConfigError, SampleTimeout, TruncationError, status_of
 from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask_text
 from .records import SCHEMA_VERSION, SampleRecord
-from .runlog import RunLock, RunLog, attempts, ensure_run_dir, rank_log_name, runnable
+from .runlog import LOCK_NAME, LOG_NAME, RunLock, RunLog, attempts, ensure_run_dir, rank_log_name, runnable
 from .status import summarize, write_plan
 
 log = logging.getLogger("hitbench")
@@ -141,61 +142,66 @@ class Job:
         """Run what is left of the plan; with ``num_processes`` > 1, as that many data-parallel workers."""
         from .parallel import launch, rank_from_env
 
-        if self.config.num_processes > 1 and rank_from_env() is None:
-            return launch(self)
         ranked = rank_from_env()
+        if ranked is None and self.config.num_processes > 1:
+            return launch(self)
         if ranked is not None and ranked[1] > 1:
             return self._execute_rank(ranked[0])
-        cfg, t_start = self.config, time.time()
-        header = self.header()
-        ensure_run_dir(self.run_dir)
-        with RunLock(self.run_dir):
-            handler = _attach_file_log(self.run_dir)
-            try:
-                runlog = RunLog.open(self.run_dir, header, resume=cfg.resume, overwrite=cfg.overwrite)
-                for n, why in runlog.contents.bad_lines:
-                    log.warning("samples.jsonl line %d skipped: %s (records after it are kept)", n, why)
-                write_plan(self.run_dir, [q.id for q in self.queries], cfg.max_attempts)
-                todo_ids = runnable([q.id for q in self.queries], runlog.contents.records, cfg.max_attempts)
-                done = len(self.queries) - len(todo_ids)
-                log.info("run %s: %d queries, %d already done, %d to run", self.run_dir, len(self.queries), done, len(todo_ids))
-                if todo_ids:
-                    self._run_ids(runlog, set(todo_ids))
-                runlog.close()
-                summary = summarize(self.run_dir)
-                self._write_results(summary, time.time() - t_start)
-                log.info("%s", summary["verdict"])
-                return summary
-            finally:
-                logging.getLogger("hitbench").removeHandler(handler)
-                handler.close()
+        cfg = self.config
+        with self._writing(LOCK_NAME, "run.log", LOG_NAME, cfg.resume, cfg.overwrite) as (runlog, t_start):
+            write_plan(self.run_dir, [q.id for q in self.queries], cfg.max_attempts)
+            todo_ids = runnable([q.id for q in self.queries], runlog.contents.records, cfg.max_attempts)
+            done = len(self.queries) - len(todo_ids)
+            log.info("run %s: %d queries, %d already done, %d to run", self.run_dir, len(self.queries), done, len(todo_ids))
+            if todo_ids:
+                self._run_ids(runlog, set(todo_ids))
+            summary = self._finish(runlog, t_start)
+            log.info("%s", summary["verdict"])
+            return summary
 
     def _execute_rank(self, rank: int) -> dict:
         """One data-parallel worker: claim chunks until none is left, append to this rank's own log."""
         from .parallel import Claims, ranked_world
 
-        cfg, t_start = self.config, time.time()
-        header = self.header()
-        ensure_run_dir(self.run_dir)
+        cfg = self.config
         ids, cost = self._claim_order()
-        with RunLock(self.run_dir, name=f".lock.rank{rank}"):
-            handler = _attach_file_log(self.run_dir, f"run.rank{rank}.log")
+        with self._writing(f"{LOCK_NAME}.rank{rank}", f"run.rank{rank}.log", rank_log_name(rank)) as (runlog, t_start):
             claims = Claims(self.run_dir, rank)
             try:
-                runlog = RunLog.open(self.run_dir, header, resume=True, name=rank_log_name(rank))
                 with claims.exclusive():
                     write_plan(self.run_dir, ids, cfg.max_attempts)
                 self._run_chunks(runlog, claims.chunks(ids, self._chunk(), cfg.max_attempts, ranked_world(), cost))
-                runlog.close()
-                summary = summarize(self.run_dir)
                 with claims.exclusive():
-                    self._write_results(summary, time.time() - t_start)
+                    summary = self._finish(runlog, t_start)
                 log.info("rank %d: nothing left to claim; the run so far: %s", rank, summary["verdict"])
                 return summary
             finally:
                 claims.close()
+
+    @contextmanager
+    def _writing(self, lock: str, text_log: str, log_name: str, resume: bool = True, overwrite: bool = False
+                 ) -> Iterator[tuple[RunLog, float]]:
+        """The run folder held for writing: its lock, the text log, and the sample log ``log_name`` open
+        (a single run's, or one rank's)."""
+        t_start = time.time()
+        header = self.header()
+        ensure_run_dir(self.run_dir)
+        with RunLock(self.run_dir, name=lock):
+            handler = _attach_file_log(self.run_dir, text_log)
+            try:
+                runlog = RunLog.open(self.run_dir, header, resume=resume, overwrite=overwrite, name=log_name)
+                for n, why in runlog.contents.bad_lines:
+                    log.warning("samples.jsonl line %d skipped: %s (records after it are kept)", n, why)
+                yield runlog, t_start
+            finally:
                 logging.getLogger("hitbench").removeHandler(handler)
                 handler.close()
+
+    def _finish(self, runlog: RunLog, t_start: float) -> dict:
+        runlog.close()
+        summary = summarize(self.run_dir)
+        self._write_results(summary, time.time() - t_start)
+        return summary
 
     def _run_ids(self, runlog: RunLog, todo: set[int]) -> None:
         tries = attempts(runlog.contents.records)

@@ -20,11 +20,10 @@ from PIL import Image
 
 from hitbench_utils import report as R
 from hitbench_utils.__main__ import main
-from hitbench_utils.backends.base import GenResult
 from hitbench_utils.config import RunConfig
 from hitbench_utils.data import load_queries
 from hitbench_utils.errors import ERROR_STATUSES
-from hitbench_utils.faults import FaultyBackend
+from hitbench_utils.faults import FaultyBackend, OracleBackend
 from hitbench_utils.run import Job
 from hitbench_utils.runlog import read_log, view
 from hitbench_utils.scoring.aggregates import aggregate
@@ -32,22 +31,6 @@ from hitbench_utils.scoring.aggregates import aggregate
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 FAULTS = {2: "oom", 5: "exception", 7: "timeout"}
 ORACLE = {1, 3, 6}          # answered with the reference: 1 and 3 are not truncated, 6 is
-
-
-class PartOracle:
-    """The tiny model, except that the ids in ORACLE get their reference answer."""
-
-    def __init__(self, inner, queries):
-        self.inner, self.answers = inner, {q.id: q.raw["FinalAnswer"] for q in queries}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def generate(self, requests, settings):
-        rest = [r for r in requests if r.key not in ORACLE]
-        it = iter(self.inner.generate(rest, settings) if rest else [])
-        return [GenResult(f"[Final Answer]: {self.answers[r.key]}", 5) if r.key in ORACLE else next(it)
-                for r in requests]
 
 
 # FaultyBackend wraps generate(); the shared-prefix engine drives the model directly, so it is turned off here.
@@ -64,7 +47,7 @@ def make_run(run_dir, backend, data, **kw):
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, tiny_backend, sample_data):
     root = tmp_path_factory.mktemp("runs")
-    oracle = PartOracle(tiny_backend, load_queries(sample_data / "QA_final.json"))
+    oracle = OracleBackend(tiny_backend, load_queries(sample_data / "QA_final.json"), only=ORACLE)
     make_run(root / "tiny_text_csv", FaultyBackend(oracle, FAULTS), sample_data, format="csv", limit=8,
              max_input_tokens=560)
     make_run(root / "tiny_mix_html", tiny_backend, sample_data, modality="mix", format="html", limit=4)

@@ -2,25 +2,12 @@
 import json
 
 from hitbench_utils.__main__ import main
-from hitbench_utils.backends.base import GenResult
 from hitbench_utils.config import RunConfig
 from hitbench_utils.data import load_queries
 from hitbench_utils.rescore import rescore_run
+from hitbench_utils.faults import OracleBackend
 from hitbench_utils.run import Job
 from hitbench_utils.runlog import read_log, view
-
-
-class OracleBackend:
-    """Answers every question with its reference (code for charts), through the tiny model's tokenizer."""
-
-    def __init__(self, inner, queries):
-        self.inner, self.answers = inner, {q.id: q.raw["FinalAnswer"] for q in queries}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def generate(self, requests, settings):
-        return [GenResult(f"Reasoning...\n[Final Answer]: {self.answers[r.key]}", 5) for r in requests]
 
 
 def test_oracle_run_scores_full_marks_and_rescore_reproduces(tmp_path, tiny_backend, sample_data, capsys):
