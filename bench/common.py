@@ -49,8 +49,10 @@ def build_random_8b(tokenizer_dir: str | os.PathLike, *, device: str = "cuda", a
 
 
 def prepare(shared: str | os.PathLike | None = None, *, files: dict[str, list[str]] | None = None,
-            qa: dict[str, list[dict]] | None = None, extra: dict[str, object] | None = None) -> Path:
-    """Copy the tokenizer and the named table files into .device/ (git-ignored), to send with the GPU job."""
+            qa: dict[str, list[dict]] | None = None, extra: dict[str, object] | None = None,
+            root: Path = INPUTS) -> Path:
+    """Copy the tokenizer and the named table files into .device/ (git-ignored), to send with the GPU job;
+    tables, question files and ``extra`` go under ``root`` (a benchmark's own subset folder)."""
     shared = Path(shared or os.environ.get("HITBENCH_SHARED") or REPO.parent / "shared")
     data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
                                check=True).stdout.strip())
@@ -59,17 +61,17 @@ def prepare(shared: str | os.PathLike | None = None, *, files: dict[str, list[st
     for name in ("vocab.json", "merges.txt"):
         shutil.copy2(shared / "tokenizers" / "qwen2" / name, tok / name)
     for fmt, names in (files or {}).items():
-        (INPUTS / "data" / fmt).mkdir(parents=True, exist_ok=True)
+        (root / "data" / fmt).mkdir(parents=True, exist_ok=True)
         for n in names:
             src = data / fmt / n
             if src.is_file():
-                shutil.copy2(src, INPUTS / "data" / fmt / n)
+                shutil.copy2(src, root / "data" / fmt / n)
     for name, items in (qa or {}).items():
-        (INPUTS / "data").mkdir(parents=True, exist_ok=True)
-        (INPUTS / "data" / name).write_text(json.dumps({"queries": items}))
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "data" / name).write_text(json.dumps({"queries": items}))
     for name, obj in (extra or {}).items():
-        (INPUTS / name).write_text(json.dumps(obj))
-    return INPUTS
+        (root / name).write_text(json.dumps(obj))
+    return root
 
 
 def gpu_memory() -> dict:

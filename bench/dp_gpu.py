@@ -1,28 +1,74 @@
 """Issue 8: data parallel over the GPUs of one host against one GPU, on the same subset, in one call.
 
-    python bench/dp_gpu.py --out bench/results          # on a machine with 2+ GPUs, .device/ sent along
+    python bench/dp_gpu.py --prepare --tables 50 --seed 0   # here (CPU): a random sample of whole tables
+    python bench/dp_gpu.py --out bench/results             # on a machine with 2+ GPUs, .device/ sent along
+    python bench/dp_gpu.py --smoke --gpus 1,2               # a CPU check of the same path, tiny model
 
-The subset, prompts and scripted output lengths are those of ``throughput.py --prepare`` (68 text_html
-queries). Each configuration runs the real data-parallel path: N worker processes (RANK/WORLD_SIZE/
-LOCAL_RANK set as the launcher sets them), each with the 8B architecture (random bf16 weights) on its own
-GPU, claiming chunks from the run's work list and appending to its own log; the time is the wall time
-from spawning the workers to the last one's exit. Model build is timed apart, per rank.
+The subset is a uniform random sample of the text_html tables (after ``throughput.py --prepare``), each
+with all its questions, so prefix sharing and the mix of table sizes are those of a full run; output
+lengths are scripted from the real model's answers. Each configuration runs the real data-parallel path:
+N worker processes (RANK/WORLD_SIZE/LOCAL_RANK set as the launcher sets them; N=1 is the plain one-GPU
+run), each with the 8B architecture (random bf16 weights) on its own GPU, claiming work from the run's
+work list and appending to its own log. Wall time runs from spawning the workers to the last one's exit;
+model build is timed apart, per rank, and a speedup without it is given too.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import INPUTS, build_random_8b, device_name  # noqa: E402
+from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+
+SUBSET = INPUTS / "dp"
+QA = "QA_dp.json"
 
 
-def child(run_dir: str) -> None:
+def do_prepare(n_tables: int, seed: int) -> None:
+    """Whole tables drawn uniformly from those text_html can run (their questions and token counts come
+    from throughput.py --prepare's bench_meta.json), with a projected one-GPU time to size the subset."""
+    from bench.throughput import project, simulate_decode
+    from hitbench_utils import data as D
+
+    meta = json.loads((INPUTS / "bench_meta.json").read_text())
+    by_file: dict[str, list[dict]] = defaultdict(list)
+    for r in meta["text_html"]:
+        by_file[r["file"]].append(r)
+    chosen = random.Random(seed).sample(sorted(by_file), n_tables)
+    rows = [r for f in chosen for r in by_file[f]]
+    ids = sorted(r["id"] for r in rows)
+    shared = Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+    data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    by_id = {q.id: q.raw for q in D.load_queries(data / "QA_final.json")}
+    fits = json.loads(sorted((Path(__file__).parent / "results").glob("throughput-*H100*[0-9].json"))[-1].read_text())
+    pf, sf, st = (list(fits[k].values()) for k in ("prefill_fit_s", "suffix_fit_s", "decode_step_fit_s"))
+    free = fits["free_gib_at_engine_start"] * 2**30
+    per_tok = 36 * 8 * 128 * 2 * 2                      # layers, KV heads, head dim, K and V, bf16
+    proj = project(rows, pf, sf, simulate_decode(rows, st, free, per_tok, 32))
+    if SUBSET.exists():
+        import shutil
+
+        shutil.rmtree(SUBSET)
+    prepare(shared, files={"html": [f"{f}.html" for f in chosen]}, qa={QA: [by_id[i] for i in ids]},
+            extra={"meta.json": {"seed": seed, "tables": sorted(chosen), "subset_ids": ids,
+                                 "input_tokens": sum(r["prompt_tokens"] for r in rows),
+                                 "lengths": {r["id"]: r["out"] for r in rows}, "projected_one_h100": proj}},
+            root=SUBSET)
+    print(f"subset: {len(ids)} queries on {n_tables} tables (seed {seed}), prompts "
+          f"{min(r['prompt_tokens'] for r in rows):,}-{max(r['prompt_tokens'] for r in rows):,} tokens, "
+          f"{sum(r['prompt_tokens'] for r in rows) / 1e6:.2f}M in all; projected on one H100: "
+          f"{proj['minutes']} min of GPU work (prefill {proj['prefill_min']}, decode {proj['decode_min']})")
+
+
+def child(run_dir: str, smoke: bool) -> None:
     """One rank: build the model on this rank's GPU, then the ordinary worker path (Job.execute)."""
     import torch
 
@@ -30,34 +76,47 @@ def child(run_dir: str) -> None:
     from hitbench_utils.run import Job
 
     local = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local)
+    device = "cpu" if smoke else f"cuda:{local}"
+    if not smoke:
+        torch.cuda.set_device(local)
     t0 = time.time()
-    backend, _ = build_random_8b(INPUTS / "qwen2", device=f"cuda:{local}")
+    if smoke:
+        from hitbench_utils.backends.hf import HFBackend
+        from hitbench_utils.backends.tiny import tiny_model_dir
+
+        backend = HFBackend(tiny_model_dir(), device="cpu")
+    else:
+        backend, _ = build_random_8b(INPUTS / "qwen2", device=device)
     build_s = time.time() - t0
-    meta = json.loads((INPUTS / "bench_meta.json").read_text())
+    meta = json.loads((SUBSET / "meta.json").read_text())
     lengths = {int(k): v for k, v in meta["lengths"].items()}
 
     class ScriptedJob(Job):
-        """Output lengths scripted per id (as in throughput.py), through the per-request cap."""
+        """Output lengths scripted per id, through the per-request cap."""
 
         def _prepare(self, q, attempt):
             p = super()._prepare(q, attempt)
             if p.request is not None:
-                p.request.max_new_tokens = lengths.get(q.id, 13)
+                p.request.max_new_tokens = min(lengths.get(q.id, 13), 16) if smoke else lengths.get(q.id, 13)
             return p
 
-    cfg = RunConfig(data_path=str(INPUTS / "data"), qa_file=str(INPUTS / "data" / "QA_bench.json"), format="html",
-                    run_dir=run_dir, max_new_tokens=1024, max_reasks=0, score=False, device=f"cuda:{local}")
+    cfg = RunConfig(data_path=str(SUBSET / "data"), qa_file=str(SUBSET / "data" / QA), format="html",
+                    run_dir=run_dir, max_new_tokens=1024, max_reasks=0, score=False, device=device,
+                    limit=24 if smoke else None, max_input_tokens=20_000 if smoke else 100_000)
     t1 = time.time()
-    s = ScriptedJob(cfg, backend=backend, progress=False).execute()
+    job = ScriptedJob(cfg, backend=backend, progress=False)
+    s = job.execute()
+    stats = getattr(getattr(job, "engine", None), "stats", {})
     own = Path(run_dir, f"samples.rank{local}.jsonl")
     own = own if own.is_file() else Path(run_dir, "samples.jsonl")
     Path(run_dir, f"bench.rank{local}.json").write_text(json.dumps(
         {"build_s": round(build_s, 1), "run_s": round(time.time() - t1, 1), "verdict": s["verdict"],
-         "records": sum(1 for x in own.read_text().splitlines()[1:] if x.strip())}))
+         "records": sum(1 for x in own.read_text().splitlines()[1:] if x.strip()),
+         "engine": {k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()
+                    if not isinstance(v, list)} | {"pools": len(stats.get("pools", []))}}))
 
 
-def run_config(n: int, root: Path) -> dict:
+def run_config(n: int, root: Path, smoke: bool) -> dict:
     from hitbench_utils.status import summarize
 
     run_dir = root / f"dp{n}"
@@ -65,43 +124,65 @@ def run_config(n: int, root: Path) -> dict:
     t0 = time.time()
     for r in range(n):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))   # n=1: the plain one-GPU path
-        procs.append(subprocess.Popen([sys.executable, "-u", __file__, "--child", str(run_dir)], env=env))
+        argv = [sys.executable, "-u", __file__, "--child", str(run_dir)] + (["--smoke"] if smoke else [])
+        procs.append(subprocess.Popen(argv, env=env))
     codes = [p.wait() for p in procs]
     wall = time.time() - t0
     ranks = [json.loads((run_dir / f"bench.rank{r}.json").read_text()) for r in range(n)
              if (run_dir / f"bench.rank{r}.json").is_file()]
+    claims = defaultdict(int)
+    if (run_dir / "claims.jsonl").is_file():
+        for line in (run_dir / "claims.jsonl").read_text().splitlines():
+            claims[json.loads(line)["rank"]] += 1
     s = summarize(run_dir)
-    return {"gpus": n, "wall_s": round(wall, 1), "returncodes": codes, "ranks": ranks, "verdict": s["verdict"],
-            "ok": s["ok"], "total": s["total"], "max_build_s": max(r["build_s"] for r in ranks) if ranks else None}
+    build = max(r["build_s"] for r in ranks) if ranks else None
+    return {"gpus": n, "wall_s": round(wall, 1), "returncodes": codes, "ranks": ranks, "claims_per_rank": dict(claims),
+            "verdict": s["verdict"], "ok": s["ok"], "total": s["total"], "max_build_s": build,
+            "build_share": round(build / wall, 3) if build is not None else None}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", action="store_true")
+    ap.add_argument("--tables", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, 24 queries (a logic check)")
+    ap.add_argument("--gpus", default=None, help="process counts to run, e.g. 1,2 (default: 1 and all GPUs)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--root", default="/tmp/dp_bench")
     a = ap.parse_args()
-    if a.child:
-        child(a.child)
+    if a.prepare:
+        do_prepare(a.tables, a.seed)
         return 0
+    if a.child:
+        child(a.child, a.smoke)
+        return 0
+    import shutil
+
     import torch
 
-    root = Path(a.root)
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root)
-    one = run_config(1, root)
-    two = run_config(torch.cuda.device_count(), root)
-    result = {"device": f"{torch.cuda.device_count()}x {device_name()}", "torch": torch.__version__,
-              "transformers": __import__("transformers").__version__, "date": time.strftime("%Y-%m-%d"),
-              "subset_size": one["total"], "one_gpu": one, "all_gpus": two,
-              "speedup": round(one["wall_s"] / two["wall_s"], 2),
-              "speedup_excluding_build": round((one["wall_s"] - one["max_build_s"]) / (two["wall_s"] - two["max_build_s"]), 2)}
-    out = Path(a.out)
+    root, out = Path(a.root), Path(a.out)
+    shutil.rmtree(root, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"dp-{result['date']}-{result['device'].replace(' ', '-')}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    counts = [int(x) for x in a.gpus.split(",")] if a.gpus else [1, torch.cuda.device_count()]
+    meta = json.loads((SUBSET / "meta.json").read_text())
+    device = f"{max(counts)}x {device_name()}" + (" (smoke: tiny model, CPU)" if a.smoke else "")
+    result = {"device": device, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "date": time.strftime("%Y-%m-%d"), "subset": {k: meta[k] for k in ("seed", "input_tokens")} |
+              {"tables": len(meta["tables"]), "queries": len(meta["subset_ids"]),
+               "projected_one_h100_min": meta["projected_one_h100"]["minutes"]}, "configs": []}
+    stem = f"dp-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "")
+    for n in counts:
+        result["configs"].append(run_config(n, root, a.smoke))
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))    # kept even if a later config dies
+        print(json.dumps(result["configs"][-1], indent=1), flush=True)
+    if len(result["configs"]) >= 2:
+        one, many = result["configs"][0], result["configs"][-1]
+        result["speedup"] = round(one["wall_s"] / many["wall_s"], 2)
+        result["speedup_excluding_build"] = round((one["wall_s"] - one["max_build_s"]) / (many["wall_s"] - many["max_build_s"]), 2)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        print(f"speedup {result['speedup']}x ({result['speedup_excluding_build']}x without model build)")
     return 0
 
 

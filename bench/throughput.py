@@ -167,7 +167,8 @@ def pool_step_ms(backend, slots: int, length: int, graphs: bool, n: int = 100) -
     from hitbench_utils.decode_pool import SlotPool
 
     pool = SlotPool(backend.model, slots, length, backend.device, graphs)
-    for s in range(slots):
+    for _ in range(slots):
+        s = pool.take()
         pool.prefill(s, list(range(100, 612)), 0, 0)
         pool.start(s, 7)
     for _ in range(3):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .backends.base import Backend, GenRequest, GenResult, GenSettings
 from .errors import status_of
@@ -89,6 +89,13 @@ class Engine:
         """Yield (request, result or the exception it ended with, degradation steps) as batches finish."""
         for batch in plan_batches(requests, self.batch_size, self.token_budget):
             yield from self._run_batch(batch, settings, [])
+
+    def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+        """``run`` over chunks that arrive while earlier ones still generate (a rank's claims); an
+        engine that keeps work in flight takes the next chunk before finishing the last."""
+        for requests in chunks:
+            yield from self.run(requests, settings)
 
     def _run_batch(self, batch: list[GenRequest], settings: GenSettings, steps: list[str]
                    ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:

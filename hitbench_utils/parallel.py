@@ -28,12 +28,64 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import data as D
+from .errors import ConfigError
 from .runlog import RunLock, attempts, read_log, runnable
 
 log = logging.getLogger("hitbench")
 
 CLAIMS = "claims.jsonl"
 SPEC = "launch.json"
+START_WAIT_S = 120.0      # how long a ready rank waits for the others to load their models
+
+
+# Relative cost of a question, in seconds of the 8B on an H100 (bench/results/throughput-*.json fits):
+# a group's first question pays its prefix's prefill (quadratic: attention), a further one its suffix;
+# each pays its decode. Only the ratios matter: they size the claims.
+PREFILL = (0.022, 2.93e-5, 5.25e-10)
+SUFFIX = (0.017, 3.57e-6)
+DECODE_S = 0.115
+BYTES_PER_TOKEN = 3.0          # html measured 2.8-3.3 bytes a token with the Qwen BPE
+
+
+def question_cost(table_tokens: float, first_of_group: bool) -> float:
+    """Why not the table's size per question: a table's further questions reuse its prefix, so ten
+    questions on a 100K table cost a little more than one, not ten times as much."""
+    p = max(0.0, table_tokens)
+    if first_of_group:
+        return PREFILL[0] + PREFILL[1] * p + PREFILL[2] * p * p + DECODE_S
+    return SUFFIX[0] + SUFFIX[1] * p + DECODE_S
+
+
+def claim_order(queries: list[Any], data_path: Path, fmt: str | None, templates: Any, max_input_tokens: int
+                ) -> tuple[list[int], dict[int, float], dict[int, tuple[str, str]]]:
+    """Ids largest table first, each prefix group's questions together, with a cost and a group per id.
+    Claims sized by cost, largest first, let ranks finish close together; claims sized by count did not
+    (an H100 pair: 1.34x, one rank holding the 17 largest questions). A group kept in one claim keeps
+    its shared prefix in one rank; only its first question pays the prefill (``question_cost``)."""
+    sizes: dict[str, int] = {}
+    for q in queries:
+        if q.file_name not in sizes:
+            try:
+                sizes[q.file_name] = D.table_path(data_path, fmt, q.file_name).stat().st_size
+            except (OSError, TypeError, ValueError):
+                sizes[q.file_name] = 0
+
+    def system(q: Any) -> str:
+        try:
+            return templates.system(q)
+        except ConfigError:          # the query's own record says so when it runs
+            return ""
+
+    group = {q.id: (q.file_name, system(q)) for q in queries}
+    order = sorted(queries, key=lambda q: (-sizes[q.file_name], group[q.id], q.id))
+    cost: dict[int, float] = {}
+    seen: set[tuple[str, str]] = set()
+    for q in order:
+        tokens = min(sizes[q.file_name] / BYTES_PER_TOKEN, max_input_tokens)
+        cost[q.id] = question_cost(tokens, group[q.id] not in seen)
+        seen.add(group[q.id])
+    return [q.id for q in order], cost, group
 
 
 def ranked_world() -> int:
@@ -63,17 +115,37 @@ def _flock(path: Path) -> Iterator[None]:
 class Claims:
     """One rank's view of the shared work list."""
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int) -> None:
-        self.run_dir, self.rank = Path(run_dir), rank
+    def __init__(self, run_dir: str | os.PathLike, rank: int, start_wait: float = START_WAIT_S) -> None:
+        self.run_dir, self.rank, self.start_wait = Path(run_dir), rank, start_wait
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         alive = self.run_dir / "ranks"
         alive.mkdir(exist_ok=True)
         self.alive_path = alive / f"{self.token}.alive"
         self._alive = os.open(self.alive_path, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self._alive, fcntl.LOCK_EX)         # held until this process ends, however it ends
+        self.ready_path = alive / f"{self.token}.ready"
+        self._started = False
+
+    def wait_for_peers(self, world: int, timeout: float) -> int:
+        """Mark this rank ready (its model loaded) and wait, at most ``timeout``, until ``world`` live ranks
+        are: a rank that loads first would otherwise claim a large share before the others start. A rank
+        that never gets ready (it died loading) is waited for no longer than that. Returns the ranks ready."""
+        self.ready_path.touch()
+        deadline = time.monotonic() + timeout
+        while True:
+            live: dict[str, bool] = {}
+            ready = sum(self._live(p.name[:-len(".ready")], live) for p in (self.run_dir / "ranks").glob("*.ready"))
+            if ready >= world or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if ready < world:
+            log.warning("rank %d: %d of %d ranks ready after %.0f s; starting without the rest", self.rank, ready,
+                        world, timeout)
+        return ready
 
     def close(self) -> None:
         if self._alive is not None:
+            self.ready_path.unlink(missing_ok=True)
             self.alive_path.unlink(missing_ok=True)
             os.close(self._alive)
             self._alive = None
@@ -112,10 +184,16 @@ class Claims:
         return out
 
     def next(self, ids: list[int], n: int, max_attempts: int, world: int = 1,
-             cost: dict[int, float] | None = None) -> tuple[list[int], dict[int, int]]:
+             cost: dict[int, float] | None = None, groups: dict[int, Any] | None = None
+             ) -> tuple[list[int], dict[int, int]]:
         """Claim runnable ids, in ``ids`` order, that no live rank holds: at most ``n``, and at most
         1/(2·world) of the work left, counted in ``cost`` (or in ids), so claims shrink as the run
-        ends (guided self-scheduling) and ranks finish close together. Also return attempts per id."""
+        ends (guided self-scheduling) and ranks finish close together. A claim does not end inside a
+        group (ids sharing a prefix): split, both ranks would compute the prefix. Also return attempts."""
+        if not self._started:
+            self._started = True
+            if world > 1:
+                self.wait_for_peers(world, self.start_wait)
         with _flock(self.run_dir / "claims.lock"):
             records = read_log(self.run_dir).records
             taken = self.held()
@@ -125,7 +203,8 @@ class Claims:
             pick: list[int] = []
             acc = 0.0
             for i in free[:n]:
-                if pick and acc + weight(i) > share:
+                same = groups is not None and bool(pick) and groups.get(i) == groups.get(pick[-1])
+                if pick and acc + weight(i) > share and not same:
                     break
                 pick.append(i)
                 acc += weight(i)
@@ -137,10 +216,10 @@ class Claims:
                     os.fsync(f.fileno())
             return pick, attempts(records)
 
-    def chunks(self, ids: list[int], n: int, max_attempts: int, world: int = 1,
-               cost: dict[int, float] | None = None) -> Iterator[tuple[list[int], dict[int, int]]]:
+    def chunks(self, ids: list[int], n: int, max_attempts: int, world: int = 1, cost: dict[int, float] | None = None,
+               groups: dict[int, Any] | None = None) -> Iterator[tuple[list[int], dict[int, int]]]:
         while True:
-            pick, tries = self.next(ids, n, max_attempts, world, cost)
+            pick, tries = self.next(ids, n, max_attempts, world, cost, groups)
             if not pick:
                 return
             yield pick, tries

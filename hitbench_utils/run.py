@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from . import data as D
 from .backends.base import GenRequest, GenSettings
@@ -77,6 +77,7 @@ class Job:
     runs_root: str | None = None
     progress: bool = True
     stats: dict = field(default_factory=dict)
+    engine: Engine | None = field(default=None, init=False)     # the last run's engine (its stats)
 
     def __post_init__(self) -> None:
         cfg = self.config.validate()
@@ -161,16 +162,16 @@ class Job:
 
     def _execute_rank(self, rank: int) -> dict:
         """One data-parallel worker: claim chunks until none is left, append to this rank's own log."""
-        from .parallel import Claims, ranked_world
+        from .parallel import Claims, claim_order, ranked_world
 
         cfg = self.config
-        ids, cost = self._claim_order()
+        ids, cost, groups = claim_order(self.queries, self.data_path, cfg.fmt, self.templates, cfg.max_input_tokens)
         with self._writing(f"{LOCK_NAME}.rank{rank}", f"run.rank{rank}.log", rank_log_name(rank)) as (runlog, t_start):
             claims = Claims(self.run_dir, rank)
             try:
                 with claims.exclusive():
                     write_plan(self.run_dir, ids, cfg.max_attempts)
-                self._run_chunks(runlog, claims.chunks(ids, self._chunk(), cfg.max_attempts, ranked_world(), cost))
+                self._run_chunks(runlog, claims.chunks(ids, self._chunk(), cfg.max_attempts, ranked_world(), cost, groups))
                 with claims.exclusive():
                     summary = self._finish(runlog, t_start)
                 log.info("rank %d: nothing left to claim; the run so far: %s", rank, summary["verdict"])
@@ -209,25 +210,9 @@ class Job:
         chunk = self._chunk()
         self._run_chunks(runlog, ((ids[i:i + chunk], tries) for i in range(0, len(ids), chunk)), len(ids))
 
-    def _claim_order(self) -> tuple[list[int], dict[int, float]]:
-        """Largest tables first, each table's questions together, and a cost per id (its table's bytes,
-        capped where truncation caps the prompt). Claims sized by cost, largest first, let ranks finish
-        close together; claims sized by count did not (an H100 pair: 1.34x, one rank holding the 17
-        largest questions), and a table's questions in one claim keep its shared prefix in one rank."""
-        sizes: dict[str, int] = {}
-        for q in self.queries:
-            if q.file_name not in sizes:
-                try:
-                    sizes[q.file_name] = D.table_path(self.data_path, self.config.fmt, q.file_name).stat().st_size
-                except (OSError, TypeError, ValueError):
-                    sizes[q.file_name] = 0
-        order = sorted(self.queries, key=lambda q: (-sizes[q.file_name], q.file_name, q.id))
-        cap = 4 * self.config.max_input_tokens        # about 4 bytes a token
-        return [q.id for q in order], {q.id: float(min(sizes[q.file_name], cap) + 2000) for q in order}
-
     def _chunk(self) -> int:
         """Queries prepared and handed to the engine at once. Text prompts: many, so the decode slots stay
-        full across tables (a chunk ends with a drain); with images, fewer, to bound the memory they hold."""
+        full across tables; with images, fewer, to bound the memory they hold."""
         return 512 if self.config.modality == "text" else max(32, 8 * self.config.batch_size)
 
     def _run_chunks(self, runlog: RunLog, chunks: Any, total: int | None = None) -> None:
@@ -237,17 +222,16 @@ class Job:
         if self.backend is None:
             log.info("loading model %s (attn=%s, dtype=%s)", self.config.model, self.config.attn_implementation, self.config.dtype)
             self.backend = load_backend(self.config)
-        engine = make_engine(self.backend, self.config)
+        engine = self.engine = make_engine(self.backend, self.config)    # kept: its stats stay readable
         by_id = {q.id: q for q in self.queries}
         bar = tqdm(total=total, desc=f"{self.config.modality}_{self.config.fmt or 'png'}", disable=not self.progress)
-        for ids, tries in chunks:
-            prepared = [self._prepare(by_id[i], tries.get(i, 0) + 1) for i in ids]
-            for rec in self._generate(engine, prepared):
-                t0 = time.perf_counter()
-                self._score(rec)
-                rec.score_s = round(time.perf_counter() - t0, 6)
-                runlog.append(rec.to_dict())
-                bar.update(1)
+        prepared = ([self._prepare(by_id[i], tries.get(i, 0) + 1) for i in ids] for ids, tries in chunks)
+        for rec in self._generate(engine, prepared):       # chunks are claimed and prepared as the engine asks
+            t0 = time.perf_counter()
+            self._score(rec)
+            rec.score_s = round(time.perf_counter() - t0, 6)
+            runlog.append(rec.to_dict())
+            bar.update(1)
         bar.close()
 
     def _prepare(self, q: D.Query, attempt: int) -> Prepared:
@@ -322,25 +306,37 @@ class Job:
                         f"{limit:,}", f"{cut.rows_dropped:,}", f"{cut.rows_total:,}")
         return msgs
 
-    def _generate(self, engine: Engine, prepared: list[Prepared]) -> Iterator[SampleRecord]:
+    def _generate(self, engine: Engine, chunks: Iterable[list[Prepared]]) -> Iterator[SampleRecord]:
         """Generate, re-ask when the final-answer line is missing, and walk the OOM ladder per sample.
-        Each record is yielded as soon as it is final, so a kill loses only the samples in flight."""
+        Each record is yielded as soon as it is final, so a kill loses only the samples in flight. The
+        chunks stream into the engine; OOM retries and re-asks run after them."""
+        live: dict[int, Prepared] = {}
+        ready: list[SampleRecord] = []          # failed before generation: final already
+
         def final(p: Prepared) -> SampleRecord:
+            live.pop(p.record.id, None)
             p.record.latency_s = round(p.record.prepare_s + p.record.generate_s, 6)  # its own share
             return p.record
 
-        for p in prepared:
-            if p.request is None:
-                yield final(p)
-        live = {p.record.id: p for p in prepared if p.request is not None}
-        pending = [p.request for p in live.values()]
+        def requests() -> Iterator[list[GenRequest]]:
+            for prepared in chunks:
+                for p in prepared:
+                    if p.request is None:
+                        ready.append(final(p))
+                    else:
+                        live[p.record.id] = p
+                yield [p.request for p in prepared if p.request is not None]
+
         reask = reask_text(self.templates)
+        pending: list[GenRequest] = []
         for round_ in range(self.config.max_reasks + 1):
             retry: list[GenRequest] = []
-            queue = pending
-            while queue:
+            results = engine.run_stream(requests(), self.settings) if round_ == 0 else engine.run(pending, self.settings)
+            while results is not None:
                 again: list[GenRequest] = []
-                for req, res, steps in engine.run(queue, self.settings):
+                for req, res, steps in results:
+                    yield from ready
+                    ready.clear()
                     p = live[req.key]
                     rec, viz = p.record, p.record.question_type == "Visualization"
                     rec.degraded += [s for s in steps if s not in rec.degraded]
@@ -374,7 +370,9 @@ class Job:
                                                 share_from=req.share_from))
                     else:
                         yield final(p)
-                queue = again
+                yield from ready
+                ready.clear()
+                results = engine.run(again, self.settings) if again else None
             if not retry:
                 break
             pending = retry

@@ -29,7 +29,7 @@ def one_record_per_id(run_dir: Path, n: int) -> list[dict]:
 
 def test_claims_are_disjoint_shrink_and_a_dead_ranks_claims_are_taken_over(tmp_path):
     """A claim is at most n ids and at most half of what is left (per rank): big early, small late."""
-    a, b = Claims(tmp_path, 0), Claims(tmp_path, 1)
+    a, b = Claims(tmp_path, 0, start_wait=0), Claims(tmp_path, 1, start_wait=0)
     ids = list(range(1, 11))
     assert a.next(ids, 3, 3)[0] == [1, 2, 3]
     assert b.next(ids, 3, 3)[0] == [4, 5, 6]          # a's live claim is skipped
@@ -51,14 +51,60 @@ def test_claims_are_disjoint_shrink_and_a_dead_ranks_claims_are_taken_over(tmp_p
 def test_claims_sized_by_cost_give_the_heaviest_work_out_one_piece_at_a_time(tmp_path):
     """Largest first: the first claims are single heavy ids, later ones bundle many light ids."""
     cost = {1: 50.0, 2: 30.0, **{i: 1.0 for i in range(3, 23)}}          # total 100
-    a, b = Claims(tmp_path, 0), Claims(tmp_path, 1)
+    a, b = Claims(tmp_path, 0, start_wait=0), Claims(tmp_path, 1, start_wait=0)
     ids = list(range(1, 23))
     assert a.next(ids, 512, 3, world=2, cost=cost)[0] == [1]             # 50 > 100/4, but a claim takes one
     assert b.next(ids, 512, 3, world=2, cost=cost)[0] == [2]             # 30 > 50/4
     got = b.next(ids, 512, 3, world=2, cost=cost)[0]
     assert got == [3, 4, 5, 6, 7]                                          # 5 of the 20 light ones (20/4)
+    # a claim does not end inside a prefix group: 8-11 share one, so the claim runs on to 11
+    groups = {i: ("t", i) for i in ids} | {i: ("t", "g") for i in (8, 9, 10, 11)}
+    assert b.next(ids, 512, 3, world=2, cost=cost, groups=groups)[0] == [8, 9, 10, 11]      # 15/4: 3, then 11
+    assert b.next(ids, 512, 3, world=2, cost=cost)[0] == [12, 13]                          # without groups
     a.close()
     b.close()
+
+
+def test_ranks_wait_for_each_other_to_be_ready_but_not_for_a_dead_one(tmp_path):
+    """A rank that loads its model first would claim a large share alone: it waits for the others, at
+    most ``start_wait``; a rank that died is not counted as ready."""
+    a, b, c = Claims(tmp_path, 0), Claims(tmp_path, 1), Claims(tmp_path, 2)
+    t0 = time.monotonic()
+    assert a.wait_for_peers(2, timeout=0.5) == 1 and time.monotonic() - t0 >= 0.5       # b not ready yet
+    b.ready_path.touch()
+    t0 = time.monotonic()
+    assert a.wait_for_peers(2, timeout=30) == 2 and time.monotonic() - t0 < 5
+    c.ready_path.touch()
+    c.close()                                           # ready, then died: not waited for
+    assert not c.ready_path.exists() and a.wait_for_peers(3, timeout=0.3) == 2
+    a.close()
+    b.close()
+
+
+def test_claim_order_puts_large_tables_first_and_charges_a_prefix_once(tmp_path, sample_data):
+    """Each prefix group's questions are adjacent, largest table first, and only a group's first
+    question carries the prefill: a table's further questions are cheap (its prefix is shared)."""
+    from hitbench_utils.parallel import claim_order, question_cost
+
+    job = Job(RunConfig(data_path=str(sample_data), run_dir=str(tmp_path / "r"),
+                        **{k: v for k, v in BASE.items() if k != "progress"}))
+    ids, cost, group = claim_order(job.queries, job.data_path, "csv", job.templates, job.config.max_input_tokens)
+    assert sorted(ids) == sorted(q.id for q in job.queries) and set(cost) == set(ids)
+    by_id = {q.id: q for q in job.queries}
+    groups = [(by_id[i].file_name, job.templates.system(by_id[i])) for i in ids]
+    assert groups == [group[i] for i in ids]
+    runs = [g for k, g in enumerate(groups) if k == 0 or groups[k - 1] != g]
+    assert len(runs) == len(set(groups)), "a prefix group is split in the claim order"
+    sizes = [(sample_data / "csv" / f"{by_id[i].file_name}.csv").stat().st_size for i in ids]
+    assert sizes == sorted(sizes, reverse=True)
+    for k, i in enumerate(ids):
+        first = k == 0 or groups[k - 1] != groups[k]
+        assert cost[i] == question_cost(min(sizes[k] / 3.0, job.config.max_input_tokens), first)
+    assert any(cost[ids[k]] < cost[ids[k - 1]] for k in range(1, len(ids)) if groups[k] == groups[k - 1])
+    # the shape of the cost: more than linear in the prefix (attention), a further question far below a first
+    base = question_cost(0, True)
+    assert question_cost(100_000, True) - base > 2 * (question_cost(50_000, True) - base)
+    assert question_cost(100_000, False) < question_cost(100_000, True) / 10
 
 
 def test_two_processes_merge_to_one_record_per_id_then_resume_with_one(tmp_path, sample_data):

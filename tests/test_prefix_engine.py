@@ -55,6 +55,47 @@ def test_questions_of_different_tables_share_decode_steps_and_stay_exact(tiny_ba
     assert st["decode_rows"] > 2.5 * st["decode_steps"]
 
 
+def test_rows_moved_down_when_slots_free_stay_exact(tiny_backend, sample_data):
+    """When questions finish, the busy slots above are moved into the free ones below (their KV copied),
+    so a pool's last long answers step over a few slots, not all of them; outputs do not change."""
+    from hitbench_utils.decode_pool import SlotPool
+
+    reqs = requests(sample_data, "text", "csv", 24)
+    for i, r in enumerate(reqs):
+        r.max_new_tokens = 30 if i % 8 == 7 else 2 + i % 5   # the last slot of each wave answers long
+    settings = GenSettings(max_new_tokens=32)
+    plain = {r.key: tiny_backend.generate([r], settings)[0] for r in reqs}
+    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=8)
+    got = {r.key: res for r, res, _ in engine.run(reqs, settings)}
+    assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
+    assert engine.stats["moves"] > 0
+    # the pool itself: slot 3 alone is left, it moves to slot 0 and steps at size 1
+    pool = SlotPool(tiny_backend.model, 4, 1024, "cpu", graphs=False)
+    for k in range(4):
+        assert pool.take() == k
+        pool.prefill(k, [100 + k, 200, 300 + k], 0, 0)
+        pool.start(k, 7 + k)
+    ref = pool.step()[3].clone()
+    for k in range(3):
+        pool.release(k)
+    assert pool.compact() == {3: 0} and sorted(pool.free) == [1, 2, 3] and pool.n[0] == 4
+    again = SlotPool(tiny_backend.model, 1, 1024, "cpu", graphs=False)
+    again.take()
+    again.prefill(0, [103, 200, 303], 0, 0)
+    again.start(0, 10)
+    assert torch_close(again.step()[0], ref)
+    pool.tok[0] = int(ref.argmax())
+    again.tok[0] = int(ref.argmax())
+    moved, alone = pool.step(), again.step()
+    assert moved.shape[0] == 1 and torch_close(moved[0], alone[0])
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
+
+
 @pytest.mark.parametrize("where", ["prefix", "prefix with a pool", "suffix", "step", "step mid-group"])
 def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny_backend, sample_data, monkeypatch, where):
     reqs = requests(sample_data, "text", "csv", 6)
