@@ -3,7 +3,9 @@
 - **Claims.** A rank takes the next chunk of runnable ids under a kernel lock on ``claims.lock`` and
   appends the claim to ``claims.jsonl``. An id is skipped while a *live* rank holds it; a rank's liveness
   is a lock it holds on its own file for as long as it runs. So a rank that finishes early simply claims
-  more, and the unfinished claims of a rank that died are taken by the others.
+  more, and the unfinished claims of a rank that died are taken by the others. Claims are sized by an
+  estimated cost and never split a prefix group (``claim_order``), and ranks start claiming together
+  (``wait_for_peers``).
 - **Logs.** Rank r appends to ``samples.rank<r>.jsonl``; ``runlog.read_log`` merges every
   ``samples*.jsonl``, and the view keeps one record per id. Resume works with any number of processes,
   one included: claims only hold while their owner lives, and what is done is read from the logs.

@@ -192,8 +192,8 @@ class PrefixEngine(Engine):
 
             raise SampleOOM(f"no room for one {length}-token decode slot ({room / 2**30:.1f} GiB left)")
         self.pool = SlotPool(self.backend.model, slots, length, dev, self.graphs)
-        self.stats["pools"].append({"slots": slots, "length": length, "capture_s": 0.0, "steps": 0, "rows": 0,
-                                    "decode_s": 0.0})
+        self.stats["pools"].append({"slots": slots, "length": length, "capture_s": 0.0, "graphs": 0, "steps": 0,
+                                    "rows": 0, "decode_s": 0.0})
         log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
 
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
@@ -291,6 +291,7 @@ class PrefixEngine(Engine):
             d["decode_s"] += dt
             d["capture_s"] += capture
         self.stats["moves"] += len(moves)
+        self.stats["pools"][-1]["graphs"] = len(pool.graphs)
         self.stats["decode_steps"] += 1
         self.stats["pools"][-1]["steps"] += 1
         self.stats["decode_rows"] += len(self.rows)

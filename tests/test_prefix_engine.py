@@ -90,6 +90,33 @@ def test_rows_moved_down_when_slots_free_stay_exact(tiny_backend, sample_data):
     assert moved.shape[0] == 1 and torch_close(moved[0], alone[0])
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU: only there is the decode step replayed as CUDA graphs")
+def test_cuda_graphs_of_every_step_size_match_plain_generate(sample_data):
+    """On a GPU: one graph per step size, captured mid-run, and rows moved between slots, still give
+    the plain generate's tokens (the tiny model in float32)."""
+    from hitbench_utils.backends.hf import HFBackend
+    from hitbench_utils.backends.tiny import tiny_model_dir
+
+    backend = HFBackend(tiny_model_dir(), dtype="float32", attn_implementation="sdpa", device="cuda")
+    reqs = requests(sample_data, "text", "csv", 40)
+    for i, r in enumerate(reqs):
+        r.max_new_tokens = 30 if i % 8 == 7 else 2 + (7 * i) % 11
+    settings = GenSettings(max_new_tokens=32)
+    plain = {r.key: backend.generate([r], settings)[0] for r in reqs}
+    engine = PrefixEngine(backend, batch_size=4, max_slots=8)
+    assert engine.graphs
+    got = {r.key: res for r, res, steps in engine.run(reqs, settings) if not steps}
+    assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
+    st = engine.stats
+    assert st["moves"] > 0 and st["capture_s"] > 0 and max(p["graphs"] for p in st["pools"]) >= 3, st
+
+
 def torch_close(a, b) -> bool:
     import torch
 
