@@ -48,14 +48,28 @@ def build_random_8b(tokenizer_dir: str | os.PathLike, *, device: str = "cuda", a
     return backend, time.time() - t0
 
 
+KV_BYTES_PER_TOKEN_8B = TEXT_8B["num_hidden_layers"] * TEXT_8B["num_key_value_heads"] * TEXT_8B["head_dim"] * 2 * 2  # K, V; bf16
+
+
+def shared_dir() -> Path:
+    """$HITBENCH_SHARED, or the ``shared`` folder beside the checkout."""
+    return Path(os.environ.get("HITBENCH_SHARED") or REPO.parent / "shared")
+
+
+def realhitbench_dir(shared: str | os.PathLike | None = None) -> Path:
+    """The unpacked RealHiTBench folder that the shared ``bin/realhitbench`` prints."""
+    shared = Path(shared) if shared else shared_dir()
+    return Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
+                               check=True).stdout.strip())
+
+
 def prepare(shared: str | os.PathLike | None = None, *, files: dict[str, list[str]] | None = None,
             qa: dict[str, list[dict]] | None = None, extra: dict[str, object] | None = None,
             root: Path = INPUTS) -> Path:
     """Copy the tokenizer and the named table files into .device/ (git-ignored), to send with the GPU job;
     tables, question files and ``extra`` go under ``root`` (a benchmark's own subset folder)."""
-    shared = Path(shared or os.environ.get("HITBENCH_SHARED") or REPO.parent / "shared")
-    data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
-                               check=True).stdout.strip())
+    shared = Path(shared) if shared else shared_dir()
+    data = realhitbench_dir(shared)
     tok = INPUTS / "qwen2"
     tok.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):

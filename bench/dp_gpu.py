@@ -25,7 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+from bench.common import (INPUTS, KV_BYTES_PER_TOKEN_8B, build_random_8b, device_name, prepare,  # noqa: E402
+                          realhitbench_dir)
 
 SUBSET = INPUTS / "dp"
 QA = "QA_dp.json"
@@ -44,20 +45,16 @@ def do_prepare(n_tables: int, seed: int) -> None:
     chosen = random.Random(seed).sample(sorted(by_file), n_tables)
     rows = [r for f in chosen for r in by_file[f]]
     ids = sorted(r["id"] for r in rows)
-    shared = Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-    data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True,
-                               check=True).stdout.strip())
-    by_id = {q.id: q.raw for q in D.load_queries(data / "QA_final.json")}
+    by_id = {q.id: q.raw for q in D.load_queries(realhitbench_dir() / "QA_final.json")}
     fits = json.loads(sorted((Path(__file__).parent / "results").glob("throughput-*H100*[0-9].json"))[-1].read_text())
     pf, sf, st = (list(fits[k].values()) for k in ("prefill_fit_s", "suffix_fit_s", "decode_step_fit_s"))
     free = fits["free_gib_at_engine_start"] * 2**30
-    per_tok = 36 * 8 * 128 * 2 * 2                      # layers, KV heads, head dim, K and V, bf16
-    proj = project(rows, pf, sf, simulate_decode(rows, st, free, per_tok, 32))
+    proj = project(rows, pf, sf, simulate_decode(rows, st, free, KV_BYTES_PER_TOKEN_8B, 32))
     if SUBSET.exists():
         import shutil
 
         shutil.rmtree(SUBSET)
-    prepare(shared, files={"html": [f"{f}.html" for f in chosen]}, qa={QA: [by_id[i] for i in ids]},
+    prepare(files={"html": [f"{f}.html" for f in chosen]}, qa={QA: [by_id[i] for i in ids]},
             extra={"meta.json": {"seed": seed, "tables": sorted(chosen), "subset_ids": ids,
                                  "input_tokens": sum(r["prompt_tokens"] for r in rows),
                                  "lengths": {r["id"]: r["out"] for r in rows}, "projected_one_h100": proj}},

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+from bench.common import INPUTS, build_random_8b, device_name, prepare, realhitbench_dir, shared_dir  # noqa: E402
 
 BUDGETS = [None, 4_194_304, 1_048_576]
 SEED_OOM_SIZE = (1814, 3920)
@@ -29,8 +27,8 @@ def do_prepare(n: int) -> None:
     from hitbench_utils import data as D
     from hitbench_utils.render_all import render_dataset
 
-    shared = Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-    data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True).stdout.strip())
+    shared = shared_dir()
+    data = realhitbench_dir(shared)
     qs = [q for q in D.load_queries(data / "QA_final.json")
           if D.table_path(data, "html", q.file_name).is_file() and not D.is_lfs_pointer(D.table_path(data, "html", q.file_name))]
     picked = qs[::len(qs) // n][:n]

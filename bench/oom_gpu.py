@@ -18,18 +18,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+from bench.common import INPUTS, build_random_8b, device_name, prepare, realhitbench_dir, shared_dir  # noqa: E402
 
 SAMPLES = [  # (id, table file, question id in QA_final whose question we ask)
     (1, "economy-table14_swap", 438), (2, "agriculture-table06_swap", 2016), (3, "employment-table01", 1)]
 
 
 def do_prepare() -> None:
-    import subprocess
-    import os
-
-    shared = Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-    data = Path(subprocess.run([str(shared / "bin" / "realhitbench")], capture_output=True, text=True).stdout.strip())
+    shared = shared_dir()
+    data = realhitbench_dir(shared)
     by_id = {q["id"]: q for q in json.loads((data / "QA_final.json").read_text())["queries"]}
     items = [dict(by_id[qid], id=i, FileName=name) for i, name, qid in SAMPLES]
     prepare(shared, files={"html": [f"{n}.html" for _, n, _ in SAMPLES]}, qa={"QA_oom.json": items})

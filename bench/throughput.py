@@ -13,28 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import INPUTS, build_random_8b, device_name, prepare  # noqa: E402
+from bench.common import INPUTS, build_random_8b, device_name, prepare, realhitbench_dir, shared_dir  # noqa: E402
 
 MAX_NEW = 1024
 MEDIAN_OUT = 13
 
 
-def _shared() -> Path:
-    return Path(os.environ.get("HITBENCH_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-
-
 def scripted_lengths(setting: str) -> tuple[dict[int, int], int]:
-    raw = json.loads((_shared() / "bench" / "output_tokens.json").read_text())[setting]
+    raw = json.loads((shared_dir() / "bench" / "output_tokens.json").read_text())[setting]
     return {int(k): min(int(v), MAX_NEW) for k, v in raw.items()}, 0
 
 
@@ -45,7 +38,7 @@ def do_prepare(n_tables: int, seed: int) -> None:
     from hitbench_utils.tokenization import qwen_bpe_from_files, shared_tokenizer_dir
     from hitbench_utils.backends.tiny import chat_template
 
-    data = Path(subprocess.run([str(_shared() / "bin" / "realhitbench")], capture_output=True, text=True).stdout.strip())
+    data = realhitbench_dir()
     tok = qwen_bpe_from_files(shared_tokenizer_dir())
     tok.chat_template = chat_template()
     t = load_templates()
@@ -90,7 +83,7 @@ def do_prepare(n_tables: int, seed: int) -> None:
     by_id = {q.id: q.raw for q in qs}
     print(f"subset: {len(ids)} queries on {len(chosen)} tables, prompts {min(r['prompt_tokens'] for r in subset):,}"
           f"–{max(r['prompt_tokens'] for r in subset):,} tokens")
-    prepare(_shared(), files={"html": [f"{f}.html" for f in chosen]},
+    prepare(shared_dir(), files={"html": [f"{f}.html" for f in chosen]},
             qa={"QA_bench.json": [by_id[i] for i in ids]},
             extra={"bench_meta.json": {"subset_ids": ids, "lengths": {r["id"]: r["out"] for r in subset}, **meta}})
 

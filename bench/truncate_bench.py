@@ -16,13 +16,13 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import realhitbench_dir, shared_dir  # noqa: E402
 
 from hitbench_utils import truncation as T  # noqa: E402
 from hitbench_utils.tokenization import qwen_bpe_from_files  # noqa: E402
@@ -30,7 +30,7 @@ from hitbench_utils.tokenization import qwen_bpe_from_files  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("HITBENCH_SHARED", REPO.parent / "shared")))
+    ap.add_argument("--shared", type=Path, default=shared_dir())
     ap.add_argument("--table", default="markdown/society-table45.md", help="table file under the data folder")
     ap.add_argument("--budget", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
@@ -41,8 +41,7 @@ def main() -> int:
     if not (tok_dir / "vocab.json").is_file() or not (args.shared / "bin" / "realhitbench").is_file():
         print(f"shared files absent under {args.shared} (need tokenizers/qwen2 and bin/realhitbench)")
         return 2
-    data = Path(subprocess.run([str(args.shared / "bin" / "realhitbench")], capture_output=True, text=True,
-                               check=True).stdout.strip())
+    data = realhitbench_dir(args.shared)
     table = (data / args.table).read_text(encoding="utf-8")
     fmt = {"md": "markdown", "txt": "latex"}.get(args.table.rsplit(".", 1)[-1], args.table.rsplit(".", 1)[-1])
     tok = qwen_bpe_from_files(tok_dir)

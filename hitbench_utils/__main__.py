@@ -107,19 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_sample_dataset(a.out))
         return 0
     if a.cmd == "worker":
-        import os
-        import tempfile
+        from pathlib import Path
 
         from .parallel import rank_from_env, worker_config
         from .run import Job
 
-        ranked = rank_from_env() or (0, 1, 0)
-        spec = a.spec
-        if spec is None:
-            fd, spec = tempfile.mkstemp(suffix=".json")
-            os.write(fd, json.dumps(_params(a.param)).encode())
-            os.close(fd)
-        job = Job(worker_config(spec, ranked[2]), progress=False)
+        rank, _, local_rank = rank_from_env() or (0, 1, 0)
+        spec = json.loads(Path(a.spec).read_text()) if a.spec else _params(a.param)
+        job = Job(worker_config(spec, rank, local_rank), progress=False)
         s = job.execute()
         print(s["verdict"])
         return 0

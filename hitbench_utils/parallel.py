@@ -196,7 +196,7 @@ class Claims:
             self._started = True
             if world > 1:
                 self.wait_for_peers(world, self.start_wait)
-        with _flock(self.run_dir / "claims.lock"):
+        with self.exclusive():
             records = read_log(self.run_dir).records
             taken = self.held()
             free = [i for i in runnable(ids, records, max_attempts) if i not in taken]
@@ -267,17 +267,17 @@ def launch(job: Any) -> dict:
     return summary
 
 
-def worker_config(spec_path: str | os.PathLike, local_rank: int) -> Any:
-    """The run's config for one rank: its own GPU when there are several."""
+def worker_config(spec: dict, rank: int, local_rank: int) -> Any:
+    """The run's config (``launch.json``'s parameters) for one rank: its own GPU when there are several,
+    its own server when ``base_url`` names a fleet."""
     from .config import RunConfig
 
-    spec = json.loads(Path(spec_path).read_text())
     cfg = RunConfig(**{k: v for k, v in spec.items() if k in RunConfig.__dataclass_fields__})
     cfg.num_processes, cfg.resume, cfg.overwrite = 1, True, False
     if cfg.base_url and "," in cfg.base_url:      # one server per worker: worker r takes the r-th URL
         urls = [u.strip() for u in cfg.base_url.split(",") if u.strip()]
         cfg.extra = dict(cfg.extra, base_url_fleet=cfg.base_url)   # the fingerprint names the whole fleet
-        cfg.base_url = urls[(rank_from_env() or (0, 1, 0))[0] % len(urls)]
+        cfg.base_url = urls[rank % len(urls)]
     if cfg.device in ("auto", "cuda"):
         try:
             import torch

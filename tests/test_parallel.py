@@ -185,18 +185,14 @@ def test_num_processes_is_validated():
         RunConfig(num_processes=0).validate()
 
 
-def test_a_fleet_of_servers_gives_each_worker_its_own_url(tmp_path, monkeypatch):
+def test_a_fleet_of_servers_gives_each_worker_its_own_url():
     from hitbench_utils.errors import ConfigError
     from hitbench_utils.parallel import worker_config
 
     fleet = "http://h1:8000/v1,http://h2:8000/v1"
     with pytest.raises(ConfigError, match="num_processes"):
         RunConfig(model="openai:m", base_url=fleet).validate()
-    spec = tmp_path / "launch.json"
-    spec.write_text(json.dumps({"model": "openai:m", "base_url": fleet, "num_processes": 2}))
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = worker_config(spec, 1)
+    cfg = worker_config({"model": "openai:m", "base_url": fleet, "num_processes": 2}, 1, 1)
     assert cfg.base_url == "http://h2:8000/v1" and cfg.extra["base_url_fleet"] == fleet
     cfg.validate()
     # every worker's fingerprint names the whole fleet, so their logs stay one run
