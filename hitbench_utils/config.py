@@ -4,9 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .data import FORMAT_EXT, FORMATS, MODALITIES, QUESTION_TYPES, check_choice, file_sha256, parse_ids
 from .errors import ConfigError
@@ -52,7 +53,10 @@ class RunConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     device: str = "auto"
+    prepare_workers: int | None = None    # forked CPU workers preparing prompts ahead of the GPU (None: auto)
+    max_error_share: float = 0.05         # the notebook fails when permanent errors exceed this share
     score: bool = True
+    chart_compat: bool = False            # score charts with the original harness's exec scoping
     chart_timeout: float = 20.0
     judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
     judge_model: str | None = None
@@ -77,6 +81,10 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, v, "an integer ≥ 1")
+        if self.prepare_workers is not None and (not isinstance(self.prepare_workers, int) or self.prepare_workers < 0):
+            raise ConfigError("prepare_workers", self.prepare_workers, "None (auto) or an integer ≥ 0 (0: in the run's process)")
+        if not isinstance(self.max_error_share, (int, float)) or not 0 <= self.max_error_share <= 1:
+            raise ConfigError("max_error_share", self.max_error_share, "a share between 0 and 1, e.g. 0.05")
         if not isinstance(self.max_reasks, int) or self.max_reasks < 0:
             raise ConfigError("max_reasks", self.max_reasks, "an integer ≥ 0")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
@@ -105,18 +113,30 @@ class RunConfig:
         """The text format, or None for the image modality (no table text is sent)."""
         return None if self.modality == "image" else self.format
 
-    def model_label(self) -> str:
-        if self.model.startswith("openai:"):
-            return "openai-" + self.model.split(":", 1)[1].replace("/", "-")
-        return "tiny" if self.model == "tiny" else Path(self.model.rstrip("/")).name
+    def data_label(self) -> str:
+        """What the data is, for the run folder's name: ``sample``, or the dataset folder's name."""
+        if self.data_path in (None, "", "sample"):
+            return "sample"
+        name = Path(str(self.data_path).rstrip("/")).resolve().name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "data"
 
-    def default_run_dir(self, runs_root: str | os.PathLike | None = None) -> Path:
+    def default_run_dir(self, runs_root: str | os.PathLike | None = None, data_label: str | None = None) -> Path:
+        """``runs/<model>_<modality>[_<format>][_<qa stem>]_<data>``: runs of other data never share a folder."""
+        from .backends.registry import model_label
+
         root = Path(runs_root or os.environ.get("HITBENCH_RUNS") or "runs")
-        name = f"{self.model_label()}_{self.modality}" + (f"_{self.format}" if self.fmt else "")
+        name = f"{model_label(self.model)}_{self.modality}" + (f"_{self.format}" if self.fmt else "")
         stem = Path(self.qa_file).stem
         if stem != "QA_final":
             name += f"_{stem}"
-        return root / name
+        return root / f"{name}_{data_label or self.data_label()}"
+
+    @classmethod
+    def from_params(cls, namespace: Mapping[str, Any]) -> "RunConfig":
+        """The config from the notebook's parameters cell (its globals): every field it names, so the
+        parameters are written once, in that cell."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: namespace[k] for k in names if k in namespace})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,6 +47,16 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def check_data_path(data_path: str | os.PathLike) -> Path:
+    """The dataset folder, or a clear refusal: it must exist and be a folder."""
+    p = Path(data_path)
+    if not p.is_dir():
+        what = "is a file, not a folder" if p.exists() else "does not exist"
+        raise ConfigError("data_path", str(data_path), f"a RealHiTBench folder (QA_final.json, html/, latex/ ...); this path {what}",
+                          "pass the folder that holds QA_final.json, or leave data_path out for the embedded sample")
+    return p
+
+
 def resolve_qa_file(data_path: str | os.PathLike, qa_file: str | os.PathLike) -> Path:
     """A QA file name inside ``data_path`` (QA_final.json, ...) or a path to any QA file."""
     p = Path(qa_file)

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import HitbenchError
+from .records import describe
 from .runlog import attempts, fingerprint_diff, read_log, view
 
 OVERRIDES = ("max_input_tokens", "max_pixels", "batch_size", "max_new_tokens")
@@ -50,8 +51,8 @@ def problems(run_dir: str | os.PathLike) -> pd.DataFrame:
              "error": r.get("error") or "", "input_tokens_original": r.get("input_tokens_original"),
              "input_tokens_sent": r.get("input_tokens_sent"), "truncated": bool(r.get("truncated")),
              "image_size": "×".join(map(str, r["image_size"])) if r.get("image_size") else None,
-             "image_tokens": r.get("image_tokens"), "tried": "; ".join(r.get("tried") or []),
-             "degraded": "; ".join(r.get("degraded") or []), "traceback": last_tb.get(i)}
+             "image_tokens": r.get("image_tokens"), "tried": describe(r.get("tried")),
+             "degraded": describe(r.get("degraded")), "traceback": last_tb.get(i)}
             for i, r in sorted(latest.items()) if r["status"] != "ok" or r.get("degraded")]
     df = pd.DataFrame(rows, columns=["id", "status", "attempts", "question_type", "error", "input_tokens_original",
                                      "input_tokens_sent", "truncated", "image_size", "image_tokens", "tried",
@@ -123,7 +124,8 @@ def run_config(run_dir: str | os.PathLike, overrides: dict | None = None) -> tup
 def rerun(run_dir: str | os.PathLike, id: int, *, overrides: dict | None = None, commit: bool = False,
           backend: Any = None) -> Rerun:
     """Re-run one id with the run's configuration plus ``overrides``; write it to the run only if ``commit``."""
-    from .run import Job, load_backend
+    from .backends.registry import load_backend
+    from .run import Job
 
     run_dir, id = Path(run_dir), int(id)
     contents = read_log(run_dir)
@@ -160,7 +162,6 @@ def rerun(run_dir: str | os.PathLike, id: int, *, overrides: dict | None = None,
 
 def _commit(run_dir: Path, record: dict, applied: dict, seconds: float, job: Any) -> dict:
     """Append the record as the id's next attempt through the normal log, then rewrite results.json."""
-    from . import data as D
     from .runlog import RunLock, RunLog
     from .status import summarize, write_results
 
@@ -169,11 +170,10 @@ def _commit(run_dir: Path, record: dict, applied: dict, seconds: float, job: Any
         rec = dict(record, attempt=attempts(log.contents.records).get(record["id"], 0) + 1,
                    debug_overrides=applied, debug_rerun_at=time.time())
         if job.config.score and rec["status"] == "ok" and rec.get("question_type") == "Visualization":
-            from .scoring import score_record     # the chart artifacts belong in the run's folder, not the temp one
+            from .runfolder import RunFolder     # the chart artifacts belong in the run's folder, not the temp one
+            from .scoring_step import Scorer
 
-            rec.update(score_record(rec, xlsx_path=str(D.xlsx_path(job.data_path, rec["file_name"])),
-                                    artifacts_dir=str(run_dir / "charts"), chart_timeout=job.config.chart_timeout,
-                                    judge=job.judge()))
+            rec.update(Scorer(job.config, job.data_path, RunFolder(run_dir)).score(rec))
         log.append(rec)
         log.close()
         res = run_dir / "results.json"

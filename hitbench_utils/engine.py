@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 from .backends.base import Backend, GenRequest, GenResult, GenSettings
 from .errors import status_of
+from .records import Degradation
 
 log = logging.getLogger("hitbench")
 
@@ -85,20 +86,22 @@ class Engine:
         self.backend, self.batch_size, self.token_budget = backend, int(batch_size), int(token_budget)
 
     def run(self, requests: list[GenRequest], settings: GenSettings
-            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         """Yield (request, result or the exception it ended with, degradation steps) as batches finish."""
         for batch in plan_batches(requests, self.batch_size, self.token_budget):
             yield from self._run_batch(batch, settings, [])
 
     def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
-        """``run`` over chunks that arrive while earlier ones still generate (a rank's claims); an
-        engine that keeps work in flight takes the next chunk before finishing the last."""
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        """``run`` over chunks that arrive while earlier ones still generate; an engine that keeps work
+        in flight takes the next chunk before finishing the last. An empty chunk means "nothing new yet,
+        more may come" (the caller is waiting on results it will answer with new requests): this engine
+        holds nothing between chunks, so it just asks again."""
         for requests in chunks:
             yield from self.run(requests, settings)
 
-    def _run_batch(self, batch: list[GenRequest], settings: GenSettings, steps: list[str]
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+    def _run_batch(self, batch: list[GenRequest], settings: GenSettings, steps: list[Degradation]
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         t0 = time.perf_counter()
         try:
             results = self.backend.generate(batch, settings)
@@ -110,7 +113,7 @@ class Engine:
                 return
             if status_of(e) == "oom":
                 half = len(batch) // 2
-                step = f"batch {len(batch)} -> {half}+{len(batch) - half} after OOM"
+                step = Degradation("batch_split", "after OOM", before=len(batch), after=[half, len(batch) - half])
                 log.warning("OOM on a batch of %d (%s tokens max): splitting", len(batch),
                             max(r.input_tokens or 0 for r in batch))
                 yield from self._run_batch(batch[:half], settings, steps + [step])

@@ -60,11 +60,27 @@ class RunLogError(HitbenchError):
     """The sample log cannot be read or written."""
 
 
+class LogWriteError(RunLogError):
+    """Appending to the sample log failed (disk full, I/O error). Every record already appended is whole
+    on disk and the torn tail is cut, so the next resume continues from there."""
+
+
+class RunFailed(HitbenchError):
+    """The run ended, but not well enough for a script to go on (the notebook's last cell raises it)."""
+
+
 # ---- sample-level errors: become error records -------------------------------------------------
 class SampleError(HitbenchError):
-    """One sample failed; ``status`` is the record's typed status."""
+    """One sample failed; ``status`` is the record's typed status. ``permanent`` errors are
+    deterministic (the same input fails the same way), so resume does not retry them."""
 
     status = "exception"
+    permanent = False
+
+    def __init__(self, *args: object, permanent: bool | None = None) -> None:
+        super().__init__(*args)
+        if permanent is not None:
+            self.permanent = permanent
 
 
 class MissingInputError(SampleError):
@@ -89,6 +105,14 @@ class SampleOOM(SampleError):
     """Out of memory after every fallback was tried."""
 
     status = "oom"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An outage (the server refused or dropped the connection), not the sample's own failure: an ok
+    record whose re-ask failed this way is retried on resume."""
+    if getattr(exc, "transient", False):
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError)) or "connection refused" in str(exc).lower()
 
 
 def status_of(exc: BaseException) -> str:

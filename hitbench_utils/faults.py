@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .backends.base import GenRequest, GenResult, GenSettings
+from .backends.base import Capabilities, GenRequest, GenResult, GenSettings
 from .errors import SampleTimeout
 
 
@@ -45,7 +45,16 @@ class FaultyBackend:
     def __getattr__(self, name: str) -> Any:       # tokenizer, identity, info, count_tokens, image_tokens...
         return getattr(self.inner, name)
 
+    def admit(self, requests: list[GenRequest]) -> None:
+        """The shared-prefix engine asks here before it computes a question itself: the same faults."""
+        self._inject(requests)
+        self.inner.admit(requests)
+
     def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
+        self._inject(requests)
+        return self.inner.generate(requests, settings)
+
+    def _inject(self, requests: list[GenRequest]) -> None:
         for r in requests:
             self.calls[r.key] += 1
         for r in requests:
@@ -58,12 +67,14 @@ class FaultyBackend:
             if kind and (self.times is None or self.fired[r.key] < self.times):
                 self.fired[r.key] += 1
                 raise make_fault(kind)
-        return self.inner.generate(requests, settings)
 
 
 class OracleBackend:
     """Answers each question in ``only`` (all when None) with its reference (code for charts); the rest
-    go to ``inner``. Tokenizer and counts come from ``inner``."""
+    go to ``inner``. Tokenizer and counts come from ``inner``. It answers in ``generate``, so it runs
+    under the plain engine (no shared-prefix capability)."""
+
+    capabilities = Capabilities()
 
     def __init__(self, inner: Any, queries: list, only: set[int] | None = None) -> None:
         self.inner, self.only = inner, only

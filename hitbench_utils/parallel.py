@@ -90,6 +90,17 @@ def claim_order(queries: list[Any], data_path: Path, fmt: str | None, templates:
     return [q.id for q in order], cost, group
 
 
+def split_groups(ids: list[int], groups: dict[int, Any]) -> list[list[int]]:
+    """``ids`` (in claim order) cut into runs of one prefix group each: the unit the engine takes."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and groups.get(i) == groups.get(out[-1][-1]):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def ranked_world() -> int:
     r = rank_from_env()
     return r[1] if r else 1

@@ -18,6 +18,7 @@ from .backends.base import GenRequest, GenResult, GenSettings
 from .decode_pool import SlotPool, bucket_length, kv_bytes_per_token
 from .engine import Engine, free_memory, release_frames
 from .errors import status_of
+from .records import Degradation
 
 log = logging.getLogger("hitbench")
 
@@ -71,17 +72,21 @@ class PrefixEngine(Engine):
                       "prefix_times": [], "suffix_times": []}
 
     def run(self, requests: list[GenRequest], settings: GenSettings
-            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         yield from self.run_stream([requests], settings)
 
     def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         """The next chunk is taken once the last one's questions all have slots, while they decode: the
         pool drains only when the slot length changes, not at every chunk's end. With a drain per claim,
         two H100 ranks spent 174 s decoding what one GPU decoded in 103 s (bench/README.md)."""
         self._gen = _generator(settings, self.backend.device)
         try:
             for requests in chunks:
+                if not requests:       # the caller waits on results: advance the work in flight
+                    if self.pool is not None and self.rows:
+                        yield from self._step(settings)
+                    continue
                 groups, plain = self._group(requests)
                 if plain:
                     if self.pool is not None:
@@ -94,13 +99,13 @@ class PrefixEngine(Engine):
             self.pool, self.rows = None, {}
             free_memory()
 
-    def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+    def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         yield from self._drain(settings)
         self.pool = None
         free_memory()
 
     def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings
-                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         release_frames(e)
         if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
             yield from self._drop_pool(settings)
@@ -108,10 +113,10 @@ class PrefixEngine(Engine):
         log.warning("shared-prefix work on %d question(s) failed (%s): falling back to plain batches",
                     len(members), type(e).__name__)
         for r, res, steps in super().run([m.req for m in members], settings):
-            yield r, res, ["prefix sharing off after " + type(e).__name__] + steps
+            yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
     def _run_group(self, g: "_Group", settings: GenSettings
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         need = g.need(settings)
         if self.pool is not None and (need > self.pool.length or bucket_length(need) < self.pool.length):
             yield from self._drop_pool(settings)
@@ -140,11 +145,12 @@ class PrefixEngine(Engine):
                 yield from self._step(settings)
             if self.pool is None:      # a failure dropped the pool: the rest of this group runs plain
                 for r, res, steps in Engine.run(self, [x.req for x in g.members[i:]], settings):
-                    yield r, res, ["prefix sharing off after a decode failure"] + steps
+                    yield r, res, [Degradation("prefix_fallback", "a decode failure dropped the pool")] + steps
                 break
             slot = self.pool.take()
             try:
                 t0 = time.perf_counter()
+                self.backend.admit([m.req])
                 if i == 0:    # its suffix rode along in the prefix forward
                     n = P + len(m.suffix_ids)
                     self.pool.load_prefix(slot, cache, n)
@@ -268,7 +274,7 @@ class PrefixEngine(Engine):
         return None
 
     # ---- decoding -----------------------------------------------------------------------------------
-    def _step(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+    def _step(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         pool = self.pool
         t0 = time.perf_counter()
         captured = pool.capture_s
@@ -301,11 +307,11 @@ class PrefixEngine(Engine):
             if self.rows[slot].add(toks[slot], self.backend.eos_ids, now):
                 yield self._finish(slot)
 
-    def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
+    def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         while self.rows and self.pool is not None:
             yield from self._step(settings)
 
-    def _finish(self, slot: int) -> tuple[GenRequest, GenResult, list[str]]:
+    def _finish(self, slot: int) -> tuple[GenRequest, GenResult, list[Degradation]]:
         row = self.rows.pop(slot)
         self.pool.release(slot)
         text = self.backend.tokenizer.decode(row.tokens, skip_special_tokens=True)

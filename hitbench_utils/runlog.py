@@ -8,29 +8,29 @@ order the records were logged.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import FingerprintMismatch, RunExistsError, RunLockedError, RunLogError
+from .errors import FingerprintMismatch, LogWriteError, RunExistsError, RunLockedError, RunLogError
+from .runfolder import LOCK_NAME, LOG_NAME, RUN_FILES, RunFolder
 
-LOG_NAME = "samples.jsonl"
-LOCK_NAME = ".lock"
+WRITE_RETRIES = 8         # short writes resumed before the append is declared failed
 
 
 def rank_log_name(rank: int) -> str:
-    return f"samples.rank{rank}.jsonl"
+    return RunFolder(".").log(rank).name
 
 
 def log_files(run_dir: str | os.PathLike) -> list[Path]:
     """samples.jsonl first, then the ranks' logs in rank order."""
-    run_dir = Path(run_dir)
-    ranks = sorted(run_dir.glob("samples.rank*.jsonl"), key=lambda p: (len(p.name), p.name))
-    return ([run_dir / LOG_NAME] if (run_dir / LOG_NAME).is_file() else []) + ranks
+    return RunFolder(run_dir).logs()
 
 
 @dataclass
@@ -101,15 +101,18 @@ def attempts(records: Iterable[dict]) -> dict[int, int]:
     return n
 
 
+def needs_retry(r: dict) -> bool:
+    """An error that a retry may change, or an ok record an outage degraded (a re-ask that found the
+    server down). Permanent errors and answers without a final line are final (DESIGN.md §4)."""
+    if r["status"] != "ok":
+        return not r.get("permanent")
+    return any(isinstance(d, dict) and d.get("transient") for d in r.get("degraded") or [])
+
+
 def runnable(ids: Iterable[int], records: list[dict], max_attempts: int) -> list[int]:
-    """Ids with no record, or whose latest record is an error with attempts left (ok ids are done)."""
+    """Ids with no record, or whose latest record needs a retry and has attempts left (ok ids are done)."""
     latest, tries = view(records), attempts(records)
-    out = []
-    for i in ids:
-        r = latest.get(i)
-        if r is None or (r["status"] != "ok" and tries.get(i, 0) < max_attempts):
-            out.append(i)
-    return out
+    return [i for i in ids if (r := latest.get(i)) is None or (needs_retry(r) and tries.get(i, 0) < max_attempts)]
 
 
 def fingerprint_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
@@ -228,7 +231,7 @@ class RunLog:
                                      "resume=True to continue it, or overwrite=True to move it aside and start afresh")
             backup = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
             backup.mkdir()
-            for f in [p.name for p in log_files(run_dir)] + ["results.json", "checkpoint.json", "run.log", "claims.jsonl"]:
+            for f in [p.name for p in log_files(run_dir)] + list(RUN_FILES):
                 if (run_dir / f).exists():
                     os.rename(run_dir / f, backup / f)
             contents = LogContents(None, [])
@@ -246,19 +249,55 @@ class RunLog:
 
     def _open_for_append(self, own: LogContents, write_header: bool) -> None:
         if own.torn_tail:      # cut this file's torn tail (read_file found it) so it stays valid JSONL
-            with open(self.path, "r+b") as f:
-                f.truncate(own.valid_bytes)
-                os.fsync(f.fileno())
+            self._cut(own.valid_bytes)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
         if write_header:
             self._write(self.header)
 
+    def _cut(self, size: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
+
     def _write(self, obj: dict) -> None:
+        """Append one whole line and fsync it, or fail loudly. A short write is resumed; when the disk is
+        full (ENOSPC, EDQUOT) or fails (EIO), the partial line is cut off, so every record before it
+        stays whole, and the run stops with what to do."""
         data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         if self._fd is None:
             raise RunLogError("the sample log is closed")
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        done = 0
+        try:
+            for _ in range(WRITE_RETRIES):
+                done += os.write(self._fd, data[done:])
+                if done == len(data):
+                    break
+            else:
+                raise OSError(errno.EIO, f"only {done} of {len(data)} bytes written after {WRITE_RETRIES} tries")
+            os.fsync(self._fd)
+        except OSError as e:
+            self._fail(e, done)
+        self._size += len(data)
+
+    def _fail(self, e: OSError, written: int) -> None:
+        try:
+            if written:
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+        except OSError:
+            pass          # read_file ignores a torn tail, and the next open cuts it
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            free = -1
+        os.close(self._fd)
+        self._fd = None
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EIO: "an I/O error"}.get(e.errno, e.strerror or str(e))
+        raise LogWriteError(
+            f"cannot append to {self.path}: {what} ({free:,} bytes free in {self.run_dir}). Every record "
+            f"appended before is kept whole. Fix: free space and run again to resume") from None
 
     def append(self, record: dict) -> None:
         record["logged_at"] = time.time()       # orders records across the ranks' logs

@@ -127,3 +127,26 @@ def export_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike | None
     out = Path(path) if path else run_dir / "checkpoint.json"
     _atomic_json(out, {"results": results, "processed_ids": [r["id"] for r in latest.values() if r["status"] == "ok"]})
     return out
+
+
+def check_outcome(s: dict, max_error_share: float = 0.05) -> str:
+    """The verdict a script can trust: raises ``RunFailed`` (the notebook's last cell, so papermill exits
+    non-zero) when no sample succeeded, when errors remain to retry, or when permanent errors exceed
+    ``max_error_share`` of the run; otherwise returns the verdict, naming any permanent errors."""
+    from .errors import RunFailed
+
+    total, ok, permanent = s["total"], s["ok"], s["permanent_errors"]
+    counts = f"{ok} of {total} ok, {s['remaining']} remaining, {len(permanent)} permanent errors"
+    where = s["run_dir"]
+    if total and not ok:
+        raise RunFailed(f"no sample succeeded ({counts}). See python -m hitbench_utils status {where}; fix the "
+                        "cause the error records name, then run the same command again to resume")
+    if s["remaining"]:
+        raise RunFailed(f"{s['remaining']} samples still to run or retry ({counts}). Run the same command again "
+                        "to resume")
+    if total and len(permanent) > max_error_share * total:
+        raise RunFailed(f"permanent errors in {len(permanent)} of {total} samples, over max_error_share="
+                        f"{max_error_share} ({counts}). See python -m hitbench_utils status {where}")
+    if permanent:
+        return f"{s['verdict']}: ids {', '.join(map(str, permanent[:20]))}{' ...' if len(permanent) > 20 else ''}"
+    return s["verdict"]

@@ -41,10 +41,31 @@ class GenResult:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the registry picks the engine from it (never from the backend's class)."""
+
+    shared_prefix: bool = False    # a local model the shared-prefix engine can drive (KV slots, prefixes)
+    remote: bool = False           # requests go to a server: keep ``concurrency`` in flight, no padding
+
+
 class Backend(Protocol):
+    """What every backend provides. Wrappers (``faults.FaultyBackend``) forward what they do not change."""
+
     name: str
-    info: dict
+    info: dict                     # device, dtype, attention... (results.json's "backend")
+    identity: dict                 # what identifies the model in the run fingerprint
+    default_max_new_tokens: int
+    capabilities: Capabilities
+    device: str
+    tokenizer: Any
 
     def count_tokens(self, messages: list[dict], image: Any = None) -> int: ...
 
+    def image_tokens(self, image: Any) -> int: ...
+
     def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]: ...
+
+    def admit(self, requests: list[GenRequest]) -> None:
+        """Called by engines that drive the model themselves before they run these requests; may raise
+        to fail them (fault injection). Real backends accept everything."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelLoadError
-from .base import GenRequest, GenResult, GenSettings
+from .base import Capabilities, GenRequest, GenResult, GenSettings
 
 from ..config import ATTN, DTYPES
 
@@ -73,6 +73,8 @@ class _ForceEOS:
 
 class HFBackend:
     """Batched ``generate`` over a local checkpoint, left-padded, greedy by default."""
+
+    capabilities = Capabilities(shared_prefix=True)
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa",
                  device: str = "auto") -> None:
@@ -146,6 +148,9 @@ class HFBackend:
         return n + (self.image_tokens(image) - 1 if image is not None else 0)
 
     # -- generation ----------------------------------------------------------------------------
+    def admit(self, requests: list[GenRequest]) -> None:
+        """Every request is accepted (see ``Backend.admit``)."""
+
     def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
         import torch
 

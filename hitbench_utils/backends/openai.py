@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelLoadError, SampleError, SampleTimeout
-from .base import GenRequest, GenResult, GenSettings
+from .base import Capabilities, GenRequest, GenResult, GenSettings
 
 log = logging.getLogger("hitbench")
 
@@ -258,6 +258,7 @@ class OpenAIBackend:
 
     device = "remote"
     default_max_new_tokens = 1024
+    capabilities = Capabilities(remote=True)
 
     def __init__(self, model: str, *, base_url: str | None, api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 8, request_timeout: float = 600, max_retries: int = 5,
