@@ -109,10 +109,11 @@ class Job:
 
                 ident, default_new = model_identity(tiny_model_dir()), TINY_MAX_NEW_TOKENS
             elif self.config.model.startswith("openai:"):
-                from .backends.openai import openai_identity
+                from .backends.openai_http import served_identity
 
                 url = self.config.extra.get("base_url_fleet") or self.config.base_url
-                ident = openai_identity(self.config.model, url, self.config.tokenizer)
+                ident = served_identity(self.config.model, url, tokenizer=self.config.tokenizer,
+                                        api_key_env=self.config.api_key_env, max_retries=self.config.max_retries)
                 return ident, self.config.max_new_tokens or 1024, "server"
             else:
                 ident, default_new = model_identity(self.config.model), 1024
