@@ -51,7 +51,7 @@ def redact(obj: T, secrets: Iterable[str]) -> T:
     """``obj`` with every secret replaced by ``***``: strings, bytes, and (recursively) the keys and
     values of dicts and the items of lists and tuples; other values come back unchanged. Returns the
     same type (a new object when anything is walked, the input itself when there is nothing to hide)."""
-    secrets = [s for s in secrets if s]
+    secrets = sorted({s for s in secrets if s}, key=len, reverse=True)    # a key holding another: masked whole
     if not secrets:
         return obj
     return _walk(obj, secrets)
