@@ -130,3 +130,22 @@ def test_a_run_with_every_reply_shape_logs_each_sample_and_resumes(sample_data, 
         after = view(read_log(tmp_path / "run").records)
         assert {i for i, r in after.items() if r["attempt"] == 2} == failed
         assert all(after[i]["prediction"] == "42" and after[i]["answer_format_ok"] for i in failed)
+
+
+def test_a_reply_too_large_to_read_is_a_bad_reply(monkeypatch):
+    from hitbench_utils.backends import openai_http
+
+    with FakeOpenAI("final") as fake:
+        be = backend(fake)
+        monkeypatch.setattr(openai_http, "MAX_BODY", 100)       # the fake's reply is ~300 bytes
+        with pytest.raises(BadReply, match="over 100 bytes"):
+            be.generate([GenRequest(1, messages())], GREEDY)
+        assert be.stats["failed"] == 1
+
+
+def test_a_tokenize_reply_without_a_count_is_a_bad_reply():
+    with FakeOpenAI("final") as fake:
+        be = backend(fake)
+        be.count_source, be._tokenize_url = "server", fake.url + "/chat/completions"   # answers a chat reply
+        with pytest.raises(BadReply, match="sent no 'count' nor 'tokens'"):
+            be.count_tokens(messages())

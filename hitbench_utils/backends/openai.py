@@ -18,7 +18,9 @@ the standard library talks HTTP (urllib + threads), so nothing is added to the d
   capped at ``backoff_max``), honouring ``Retry-After``. Any other 4xx fails at once with the server's
   message. A request that runs out of retries raises ``SampleTimeout`` (status ``timeout``) when its
   last failure was a timeout, ``BadReply`` when it was an unreadable body, else ``OpenAIError`` (both
-  status ``exception``): the engine makes each an error record.
+  status ``exception``): the engine makes each an error record. ``max_time_per_sample``
+  (``GenSettings.max_time``) caps each request's wait too, and a request that passes it is a timeout at
+  once, without retries (it would pass it again).
 - **Replies** (``openai_reply.py``). ``content`` as a string or a list of text parts (joined) is the
   answer, so ``GenResult.text`` is always a ``str``; ``content`` null, no ``choices`` or an empty list
   raise ``BadReply``; a ``usage`` of the wrong type is ignored (the tokens are counted here instead).
@@ -27,8 +29,7 @@ the standard library talks HTTP (urllib + threads), so nothing is added to the d
   the key back in an error body or in the answer itself.
 - **Identity.** ``check()`` records the server's ``/models`` entry for the model (``id``, ``root``,
   ``owned_by``, ``max_model_len``...) in ``identity``; the fingerprint uses it, not the URL, so the same
-  model at another address resumes (``served_identity`` gives the same without building a backend). ``max_time_per_sample`` (``GenSettings.max_time``) caps each request's wait too, and a
-  request that passes it is a timeout at once, without retries (it would pass it again).
+  model at another address resumes (``served_identity`` gives the same without building a backend).
 - **Failure isolation without redoing work.** When some requests of a batch fail, ``generate`` keeps
   every outcome (results and exceptions) in a small table keyed by (request key, messages, image size,
   settings) and raises; the engine then re-runs the batch one request at a time, and each of those

@@ -144,7 +144,7 @@ class Transport:
         except (ConnectionError, HTTPException, OSError) as e:   # reset, refused, server gone mid-answer
             raise _Retryable(self._clip(f"connection failed: {type(e).__name__}: {e}")) from None
         if len(raw) > MAX_BODY:
-            raise BadReply(f"{url} sent a reply over {MAX_BODY // 2**20} MiB", "not read further")
+            raise BadReply(f"{url} sent a reply over {MAX_BODY:,} bytes", "not read further")
         try:
             return json.loads(raw)
         except ValueError:
