@@ -12,6 +12,7 @@ found by its name at least 8.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Mapping, TypeVar
 
@@ -73,3 +74,23 @@ def _walk(obj, secrets: list[str]):
         return tuple(_walk(v, secrets) for v in obj)
     return obj
 
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks secrets in each record's message and traceback. On the ``hitbench``
+    logger itself (``logging.getLogger("hitbench").addFilter(...)``) it runs before every handler, so
+    run.log and the notebook's printed log are both masked; on one handler it masks that handler's
+    output (and, as the record is shared, that of the handlers after it)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg, record.args = redact_text(record.getMessage(), self.secrets), None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact_text(record.exc_text, self.secrets)
+        return True

@@ -93,3 +93,24 @@ def test_a_run_folder_never_holds_the_key(key, sample_data, tmp_path):
     assert leaks == [], f"the key's bytes are in {leaks}"
     assert MASK.encode() in (run_dir / "samples.jsonl").read_bytes()          # the echoes did arrive, masked
     assert b"invalid key Bearer ***" in (run_dir / "run.log").read_bytes()
+
+
+def test_the_logging_filter_masks_messages_and_tracebacks(tmp_path):
+    from hitbench_utils.redact import RedactingFilter
+
+    handler = logging.FileHandler(tmp_path / "run.log", encoding="utf-8")
+    handler.addFilter(RedactingFilter(["hunter2-very-secret"]))
+    lg = logging.getLogger("hitbench.test_redact")
+    lg.addHandler(handler)
+    try:
+        lg.warning("server said %s", "bad key hunter2-very-secret")
+        try:
+            raise ValueError("echo hunter2-very-secret")
+        except ValueError:
+            lg.exception("failed")
+    finally:
+        lg.removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "run.log").read_text()
+    assert "hunter2-very-secret" not in text
+    assert "server said bad key ***" in text and "ValueError: echo ***" in text
