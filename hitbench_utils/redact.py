@@ -6,7 +6,8 @@ page, even in the answer's content. Whatever text crosses from a server into a r
 
 Which values are secret (:func:`secret_values`): the values of the environment variables the run names
 (``api_key_env``, ``judge_api_key_env``), and of every environment variable whose *name* says it holds
-one (it contains KEY, TOKEN, SECRET or PASSWORD). Short values are left alone, because replacing a
+one (it contains KEY, TOKEN, SECRET or PASSWORD; TOKENIZER does not count, so a tokenizer folder
+in ``TOKENIZER_DIR`` or ``TOKENIZERS_PARALLELISM`` is not masked). Short values are left alone, because replacing a
 short string everywhere would corrupt ordinary answers: a named key needs at least 4 characters, one
 found by its name at least 8.
 """
@@ -35,7 +36,7 @@ def secret_values(env_names: Iterable[str | None] = (), environ: Mapping[str, st
         value = value.strip()
         if name in named and len(value) >= MIN_NAMED:
             found.add(value)
-        elif any(p in name.upper() for p in SECRET_NAME_PARTS) and len(value) >= MIN_FOUND:
+        elif any(p in name.upper().replace("TOKENIZER", "") for p in SECRET_NAME_PARTS) and len(value) >= MIN_FOUND:
             found.add(value)
     return sorted(found, key=lambda v: (-len(v), v))
 

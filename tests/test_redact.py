@@ -29,7 +29,8 @@ def key(monkeypatch) -> str:
 # ---- redact.py -----------------------------------------------------------------------------------------
 def test_secret_values_are_the_named_variables_and_those_named_like_secrets():
     env = {"MY_API": "named-value", "HF_TOKEN": "hf_0123456789", "DB_PASSWORD": "hunter22", "MY_SECRET": "short",
-           "SOME_KEY_X": "k" * 30, "PATH": "/usr/bin:/bin", "TINY": "abc", "SHORTKEY": "1234567"}
+           "SOME_KEY_X": "k" * 30, "PATH": "/usr/bin:/bin", "TINY": "abc", "SHORTKEY": "1234567",
+           "TOKENIZER_DIR": "/models/qwen3-vl", "TOKENIZERS_PARALLELISM": "false-ish"}
     got = secret_values(["MY_API", "TINY", None], env)
     assert set(got) == {"named-value", "hf_0123456789", "hunter22", "k" * 30}   # short ones: left alone
     assert got == sorted(got, key=len, reverse=True)                                # longest first
