@@ -6,10 +6,9 @@ page, even in the answer's content. Whatever text crosses from a server into a r
 
 Which values are secret (:func:`secret_values`): the values of the environment variables the run names
 (``api_key_env``, ``judge_api_key_env``), and of every environment variable whose *name* says it holds
-one (it contains KEY, TOKEN, SECRET or PASSWORD; TOKENIZER does not count, so a tokenizer folder
-in ``TOKENIZER_DIR`` or ``TOKENIZERS_PARALLELISM`` is not masked). Short values are left alone, because replacing a
-short string everywhere would corrupt ordinary answers: a named key needs at least 4 characters, one
-found by its name at least 8.
+one (it contains KEY, TOKEN, SECRET or PASSWORD; TOKENIZER does not count, so a ``TOKENIZER_DIR``
+folder is not masked). Short values are left alone, because replacing a short string everywhere would
+corrupt ordinary answers: a named key needs at least 4 characters, one found by its name at least 8.
 """
 from __future__ import annotations
 
