@@ -107,6 +107,26 @@ class SampleOOM(SampleError):
     status = "oom"
 
 
+class OpenAIError(SampleError):
+    """A request an OpenAI-compatible server refused (4xx), or that failed every retry; ``http_status``
+    when known."""
+
+    status = "exception"
+
+    def __init__(self, msg: str, http_status: int | None = None) -> None:
+        super().__init__(msg)
+        self.http_status = http_status
+
+
+class BadReply(OpenAIError):
+    """The server answered, but not with an answer: a body that is not JSON, no ``choices``, ``content``
+    null or without text. ``detail`` names what came instead."""
+
+    def __init__(self, msg: str, detail: str = "", http_status: int | None = None) -> None:
+        super().__init__(msg + (f" ({detail})" if detail else ""), http_status)
+        self.detail = detail
+
+
 def is_transient(exc: BaseException) -> bool:
     """An outage (the server refused or dropped the connection), not the sample's own failure: an ok
     record whose re-ask failed this way is retried on resume."""

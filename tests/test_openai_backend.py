@@ -31,6 +31,7 @@ for _mod in ("fastapi", "uvicorn", "openai"):
 from hitbench_utils.backends.base import GenRequest, GenSettings  # noqa: E402
 from hitbench_utils.backends.openai import (OpenAIBackend, OpenAIError, estimating_tokenizer,  # noqa: E402
                                             image_token_count)
+from hitbench_utils.backends.openai_http import served_identity  # noqa: E402
 from hitbench_utils.backends.tiny import tiny_model_dir  # noqa: E402
 from hitbench_utils.config import RunConfig  # noqa: E402
 from hitbench_utils.engine import Engine  # noqa: E402
@@ -292,7 +293,9 @@ def test_load_backend_dispatches_openai_models(server):
                     request_timeout=30, tokenizer=server.model)
     be = load_backend(cfg)
     assert isinstance(be, OpenAIBackend) and be.concurrency == 2 and be.max_retries == 1
-    assert be.identity == {"path": "openai:" + server.model, "base_url": server.url, "tokenizer": server.model}
+    # the identity is what the server says it serves, not its URL (test_openai_served.py resumes elsewhere)
+    assert be.identity == served_identity(cfg.model, server.url, tokenizer=server.model)
+    assert be.identity["served"]["id"] == server.model and "base_url" not in be.identity
     assert be.info["base_url"] == server.url and be.info["model"] == server.model
 
 

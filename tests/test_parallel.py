@@ -195,6 +195,11 @@ def test_a_fleet_of_servers_gives_each_worker_its_own_url():
     cfg = worker_config({"model": "openai:m", "base_url": fleet, "num_processes": 2}, 1, 1)
     assert cfg.base_url == "http://h2:8000/v1" and cfg.extra["base_url_fleet"] == fleet
     cfg.validate()
-    # every worker's fingerprint names the whole fleet, so their logs stay one run
-    ident = Job(cfg, progress=False)._identity()[0]
-    assert ident["base_url"] == fleet
+    # every worker's fingerprint is what the whole fleet serves (not its URL), so their logs stay one run
+    from fake_openai import FakeOpenAI
+
+    with FakeOpenAI(model="m") as a, FakeOpenAI(model="m") as b:
+        fleet = f"{a.url},{b.url}"
+        idents = [Job(worker_config({"model": "openai:m", "base_url": fleet, "num_processes": 2}, r, 1),
+                      progress=False)._identity()[0] for r in (0, 1)]
+    assert idents[0] == idents[1] and idents[0]["served"]["id"] == "m" and "base_url" not in idents[0]

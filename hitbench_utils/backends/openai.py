@@ -8,15 +8,28 @@ the standard library talks HTTP (urllib + threads), so nothing is added to the d
   ``top_p`` and ``top_k`` (a field vLLM, SGLang and LMDeploy accept). A server that refuses one of these
   optional fields by name (HTTP 400/422, as ``transformers serve`` does for ``top_k``) gets the request
   again without it; the dropped field is logged once and listed in ``info["dropped_params"]``.
-- **Concurrency.** One pool of ``concurrency`` threads per backend, shared by every ``generate`` call,
-  so at most ``concurrency`` requests are ever in flight. ``generate`` returns results in order.
-- **Retries.** 429, 5xx, connection errors (refused, reset, server gone mid-request) and timeouts are
+- **Concurrency.** One pool of ``concurrency`` threads per backend, shared by every ``generate`` and
+  ``generate_stream`` call, so at most ``concurrency`` requests are ever in flight. ``generate`` returns
+  results in order; ``generate_stream`` yields each (index, outcome) the moment it finishes, so a caller
+  can log it at once (a kill then loses at most the ``concurrency`` requests in flight).
+- **Retries** (transport: ``openai_http.py``). 429, 5xx, connection errors (refused, reset, server gone
+  mid-request), timeouts and bodies that are not JSON (a proxy's HTML page, a reply cut short) are
   retried up to ``max_retries`` times with exponential backoff and jitter (``backoff_base`` · 2^n,
   capped at ``backoff_max``), honouring ``Retry-After``. Any other 4xx fails at once with the server's
   message. A request that runs out of retries raises ``SampleTimeout`` (status ``timeout``) when its
-  last failure was a timeout, else ``OpenAIError`` (status ``exception``): the engine makes either an
-  error record. ``max_time_per_sample`` (``GenSettings.max_time``) caps each request's wait too, and a
-  request that passes it is a timeout at once, without retries (it would pass it again).
+  last failure was a timeout, ``BadReply`` when it was an unreadable body, else ``OpenAIError`` (both
+  status ``exception``): the engine makes each an error record. ``max_time_per_sample``
+  (``GenSettings.max_time``) caps each request's wait too, and a request that passes it is a timeout at
+  once, without retries (it would pass it again).
+- **Replies** (``openai_reply.py``). ``content`` as a string or a list of text parts (joined) is the
+  answer, so ``GenResult.text`` is always a ``str``; ``content`` null, no ``choices`` or an empty list
+  raise ``BadReply``; a ``usage`` of the wrong type is ignored (the tokens are counted here instead).
+- **Secrets.** The API key's value (and any secret of the environment, see ``redact.py``) is replaced by
+  ``***`` in every text the backend returns or raises, and in what it logs, even when a server echoes
+  the key back in an error body or in the answer itself.
+- **Identity.** ``check()`` records the server's ``/models`` entry for the model (``id``, ``root``,
+  ``owned_by``, ``max_model_len``...) in ``identity``; the fingerprint uses it, not the URL, so the same
+  model at another address resumes (``served_identity`` gives the same without building a backend).
 - **Failure isolation without redoing work.** When some requests of a batch fail, ``generate`` keeps
   every outcome (results and exceptions) in a small table keyed by (request key, messages, image size,
   settings) and raises; the engine then re-runs the batch one request at a time, and each of those
@@ -52,31 +65,26 @@ import hashlib
 import io
 import json
 import logging
-import os
-import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from email.utils import parsedate_to_datetime
-from http.client import HTTPException
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-from ..errors import ConfigError, ModelLoadError, SampleError, SampleTimeout
+from ..errors import BadReply, ConfigError, ModelLoadError, OpenAIError, SampleTimeout
 from .base import Capabilities, GenRequest, GenResult, GenSettings
+from .openai_http import PREFIX, Transport, _Refused, identity, identity_from_models, model_name
+from .openai_reply import parse_reply
+
+__all__ = ["OpenAIBackend", "OpenAIError", "BadReply", "BatchPartlyFailed", "from_config", "openai_identity",
+           "model_name", "image_token_count", "estimating_tokenizer", "load_tokenizer", "smart_resize"]
 
 log = logging.getLogger("hitbench")
 
-PREFIX = "openai:"
 QWEN3VL_IMAGE = {"patch_size": 16, "merge_size": 2, "min_pixels": 65_536, "max_pixels": 16_777_216}
-RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 OPTIONAL_PARAMS = ("top_k", "top_p", "seed")        # dropped (once, logged) when a server refuses them by name
-_MAX_RETRY_AFTER = 300.0
 _OUTCOME_CAP = 4096          # outcomes kept for a batch's one-by-one re-run...
 _OUTCOME_TTL = 600.0         # ...and for at most this many seconds (the engine re-runs at once)
 
@@ -86,44 +94,15 @@ _EST_PIECES = (r" ?-{1,16}| ?={1,16}"
                r"|[^\r\n\p{L}\p{N}]?\p{L}|\p{L}|\p{N}|\s{1,64}|[^\s\p{L}\p{N}]{1,3}|.")
 
 
-class OpenAIError(SampleError):
-    """A request the server refused (4xx), or that failed every retry; ``http_status`` when known."""
-
-    status = "exception"
-
-    def __init__(self, msg: str, http_status: int | None = None) -> None:
-        super().__init__(msg)
-        self.http_status = http_status
-
-
 class BatchPartlyFailed(RuntimeError):
     """Some requests of a batch failed: the engine re-runs it one by one, answered from the kept outcomes."""
 
 
-class _Retryable(Exception):
-    def __init__(self, msg: str, retry_after: float | None = None, timeout: bool = False) -> None:
-        super().__init__(msg)
-        self.retry_after, self.timeout = retry_after, timeout
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
-
-
 # ---- helpers that need no server ------------------------------------------------------------------
-def model_name(model: str) -> str:
-    """``'openai:<name>'`` → ``'<name>'``."""
-    if not model.startswith(PREFIX) or not model[len(PREFIX):].strip():
-        raise ConfigError("model", model, "'openai:<name>', the name the server knows the model by")
-    return model[len(PREFIX):].strip()
-
-
-def openai_identity(model: str, base_url: str | None, tokenizer: str | None = None) -> dict:
-    """What identifies a served model for the fingerprint, without contacting the server. The tokenizer
-    is part of it because it decides how tables are truncated."""
-    return {"path": PREFIX + model_name(model), "base_url": (base_url or "").rstrip("/"), "tokenizer": tokenizer}
+def openai_identity(model: str, base_url: str | None = None, tokenizer: str | None = None) -> dict:
+    """The identity of a served model without contacting the server (``served`` unknown). ``base_url`` is
+    accepted for old callers and ignored: the URL is not part of the identity (see ``served_identity``)."""
+    return identity(model, None, tokenizer)
 
 
 def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = QWEN3VL_IMAGE["min_pixels"],
@@ -222,35 +201,6 @@ def _chat_template():
     return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(text)
 
 
-def _is_loopback(url: str) -> bool:
-    return (urllib.parse.urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def _server_message(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:2000]
-    if isinstance(body, dict):
-        err = body.get("error", body.get("detail", body.get("message", body)))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        return (err if isinstance(err, str) else json.dumps(err))[:2000]
-    return text[:2000]
-
 
 # ---- the backend --------------------------------------------------------------------------------
 class OpenAIBackend:
@@ -277,9 +227,9 @@ class OpenAIBackend:
         self.api_key_env, self.concurrency = api_key_env, concurrency
         self.request_timeout, self.max_retries = float(request_timeout), max_retries
         self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
-        self.identity = openai_identity(PREFIX + self.model, self.base_url, tokenizer)
+        self._tokenizer_spec = tokenizer
+        self.identity = identity(PREFIX + self.model, None, tokenizer)    # check() adds what the server serves
         self.name = self.identity["path"]
-        self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if _is_loopback(self.base_url) else []))
         self._template = _chat_template()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -288,6 +238,8 @@ class OpenAIBackend:
         self._dropped: set[str] = set()
         self.stats = {"requests": 0, "http_calls": 0, "retries": 0, "failed": 0, "in_flight": 0,
                       "max_in_flight": 0, "reused_outcomes": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._http = Transport(self.base_url, api_key_env=api_key_env, max_retries=max_retries,
+                               backoff_base=backoff_base, backoff_max=backoff_max, stats=self.stats, lock=self._lock)
         self._tokenize_url: str | None = None
         if tokenizer:
             self.tokenizer, source, self._image_cfg = load_tokenizer(tokenizer)
@@ -306,30 +258,36 @@ class OpenAIBackend:
     def _url(self, path: str) -> str:
         return self.base_url + path
 
-    def _headers(self) -> dict:
-        h = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        return h
+    def _call(self, method: str, url: str, body: dict | None, **kw: Any) -> Any:
+        return self._http.call(method, url, body, **kw)
+
+    def redact(self, obj: Any) -> Any:
+        """``obj`` without the API key's value (nor any other secret of the environment)."""
+        return self._http.redact(obj)
 
     def check(self) -> None:
-        """Reach the server (with the retry policy: it may still be starting), see that it serves the model,
-        and without a local tokenizer look for a ``/tokenize`` endpoint. Raises ModelLoadError."""
+        """Reach the server (with the retry policy: it may still be starting), see that it serves the model
+        and record what it says it serves in ``identity``; without a local tokenizer look for a
+        ``/tokenize`` endpoint. Raises ModelLoadError."""
         try:
             body = self._call("GET", self._url("/models"), None, timeout=min(self.request_timeout, 30.0))
         except _Refused as e:
             if e.status in (401, 403):
                 raise ModelLoadError(f"{self.base_url} refused the key ({e.status}: {e}). Fix: put the API key in "
-                                     f"${self.api_key_env}") from e
+                                     f"${self.api_key_env}") from None
             log.warning("%s/models answered %s (%s); going on without checking the model name", self.base_url, e.status, e)
             body = None
         except (OpenAIError, SampleTimeout) as e:
             raise ModelLoadError(f"cannot reach {self.base_url}: {e}. Fix: start the server, or pass the right "
-                                 "base_url (it usually ends in /v1)") from e
-        names = [m.get("id") for m in (body or {}).get("data", []) if isinstance(m, dict)]
+                                 "base_url (it usually ends in /v1)") from None
+        entries = body.get("data") if isinstance(body, dict) else None
+        names = [m.get("id") for m in entries if isinstance(m, dict)] if isinstance(entries, list) else []
         if names and self.model not in names:
-            log.warning("%s does not list model %r (it lists %s); requests may fail", self.base_url, self.model, names[:10])
+            log.warning("%s does not list model %r (it lists %s); requests may fail", self.base_url, self.model,
+                        self.redact(names[:10]))
+        self.identity = identity(PREFIX + self.model, self.redact(identity_from_models(self.model, body)),
+                                 self._tokenizer_spec)
+        self.info["identity"] = self.identity
         if self.count_source == "estimated":
             self._find_tokenize()
         if self.count_source == "estimated":
@@ -362,7 +320,13 @@ class OpenAIBackend:
         if self.count_source == "server":
             out = self._call("POST", self._tokenize_url, {"model": self.model, "prompt": text, "add_special_tokens": False},
                              timeout=self.request_timeout)
-            return int(out["count"]) if isinstance(out.get("count"), int) else len(out["tokens"])
+            count = out.get("count") if isinstance(out, dict) else None
+            tokens = out.get("tokens") if isinstance(out, dict) else None
+            if isinstance(count, int) and not isinstance(count, bool):
+                return count
+            if isinstance(tokens, list):
+                return len(tokens)
+            raise BadReply(f"{self._tokenize_url} sent no 'count' nor 'tokens'", self.redact(json.dumps(out))[:300])
         if self.count_source == "local":
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -370,68 +334,6 @@ class OpenAIBackend:
     def count_tokens(self, messages: list[dict], image: Any = None) -> int:
         """Tokens of the chat-templated prompt, image tokens included (how: ``info["token_counts"]``)."""
         return self.count_text(self.chat_text(messages)) + (self.image_tokens(image) - 1 if image is not None else 0)
-
-    # ---- HTTP --------------------------------------------------------------------------------------
-    def _once(self, method: str, url: str, body: dict | None, timeout: float) -> Any:
-        data = json.dumps(body).encode("utf-8") if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
-        with self._lock:
-            self.stats["http_calls"] += 1
-        try:
-            with self._opener.open(req, timeout=timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                msg = _server_message(e.read() or b"") or str(e.reason)
-            except (OSError, HTTPException):
-                msg = str(e.reason)
-            if e.code in RETRY_STATUSES:
-                raise _Retryable(f"HTTP {e.code}: {msg}", _retry_after(e.headers.get("Retry-After"))) from None
-            raise _Refused(e.code, msg) from None
-        except (TimeoutError, socket.timeout) as e:
-            raise _Retryable(f"no answer within {timeout:g}s", timeout=True) from e
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no connection within {timeout:g}s", timeout=True) from e
-            raise _Retryable(f"connection failed: {reason}") from e
-        except (ConnectionError, HTTPException, OSError) as e:   # reset, refused, server gone mid-answer
-            raise _Retryable(f"connection failed: {type(e).__name__}: {e}") from e
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise _Retryable(f"answer is not JSON: {raw[:200]!r}") from None
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, _MAX_RETRY_AFTER)
-        d = min(self.backoff_max, self.backoff_base * 2 ** attempt)
-        return d / 2 + random.uniform(0, d / 2)
-
-    def _call(self, method: str, url: str, body: dict | None, *, timeout: float, retries: int | None = None,
-              hard_deadline: bool = False, note: dict | None = None) -> Any:
-        """One request with the retry policy. ``_Refused`` passes through (a 4xx: not retried); running out
-        of retries raises SampleTimeout (last failure a timeout) or OpenAIError. ``hard_deadline``: a timeout
-        is final at once (max_time_per_sample)."""
-        retries = self.max_retries if retries is None else retries
-        for attempt in range(retries + 1):
-            try:
-                return self._once(method, url, body, timeout)
-            except _Retryable as e:
-                last = e
-                if e.timeout and hard_deadline:
-                    raise SampleTimeout(f"{url}: no answer within max_time_per_sample={timeout:g}s") from None
-                if attempt == retries:
-                    break
-                wait = self._backoff(attempt, e.retry_after)
-                log.warning("%s %s: %s; retry %d/%d in %.1fs", method, url, e, attempt + 1, retries, wait)
-                with self._lock:
-                    self.stats["retries"] += 1
-                if note is not None:
-                    note["retries"] = note.get("retries", 0) + 1
-                time.sleep(wait)
-        msg = f"{method} {url}: {last} (after {retries + 1} attempt{'s' if retries else ''})"
-        raise SampleTimeout(msg) if last.timeout else OpenAIError(msg)
 
     # ---- generation --------------------------------------------------------------------------------
     def _data_url(self, image: Any) -> str:
@@ -479,35 +381,41 @@ class OpenAIBackend:
             body.pop(k, None)
         return body
 
-    def _one(self, req: GenRequest, settings: GenSettings) -> GenResult:
-        body = self.request_body(req, settings)
-        note: dict = {}
+    def _post(self, body: dict, settings: GenSettings, note: dict) -> Any:
+        """POST /chat/completions; a refused optional field (400/422 naming it) is dropped and asked again."""
         timeout, hard = self.request_timeout, False
         if settings.max_time and settings.max_time <= self.request_timeout:
             timeout, hard = float(settings.max_time), True
+        while True:
+            try:
+                return self._call("POST", self._url("/chat/completions"), body, timeout=timeout,
+                                  hard_deadline=hard, note=note)
+            except _Refused as e:
+                bad = [k for k in OPTIONAL_PARAMS if k in body and k in str(e) and e.status in (400, 422)]
+                if not bad:
+                    raise OpenAIError(f"{self.base_url} refused the request (HTTP {e.status}): {e}", e.status) from None
+                for k in bad:
+                    body.pop(k)
+                with self._lock:
+                    new = [k for k in bad if k not in self._dropped]
+                    self._dropped.update(bad)
+                    self.info["dropped_params"] = sorted(self._dropped)
+                if new:
+                    log.warning("%s refused %s (%s): sending requests without it", self.base_url, new, e)
+
+    def _one(self, req: GenRequest, settings: GenSettings) -> GenResult:
+        """One request → GenResult (its text always a str, redacted), or a SampleError (BadReply,
+        OpenAIError, SampleTimeout) whose message is redacted."""
+        body = self.request_body(req, settings)
+        note: dict = {}
         with self._lock:
             self.stats["requests"] += 1
             self.stats["in_flight"] += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
         t0 = time.perf_counter()
         try:
-            while True:
-                try:
-                    out = self._call("POST", self._url("/chat/completions"), body, timeout=timeout,
-                                     hard_deadline=hard, note=note)
-                    break
-                except _Refused as e:
-                    bad = [k for k in OPTIONAL_PARAMS if k in body and k in str(e) and e.status in (400, 422)]
-                    if not bad:
-                        raise OpenAIError(f"{self.base_url} refused the request (HTTP {e.status}): {e}", e.status) from None
-                    for k in bad:
-                        body.pop(k)
-                    with self._lock:
-                        new = [k for k in bad if k not in self._dropped]
-                        self._dropped.update(bad)
-                        self.info["dropped_params"] = sorted(self._dropped)
-                    if new:
-                        log.warning("%s refused %s (%s): sending requests without it", self.base_url, new, e)
+            out = self._post(body, settings, note)
+            reply = parse_reply(self.redact(out), self.base_url)
         except Exception:
             with self._lock:
                 self.stats["failed"] += 1
@@ -516,30 +424,62 @@ class OpenAIBackend:
             with self._lock:
                 self.stats["in_flight"] -= 1
         dt = time.perf_counter() - t0
-        try:
-            choice = out["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise OpenAIError(f"unexpected answer from {self.base_url}: {json.dumps(out)[:500]}") from None
-        usage = out.get("usage") or {}
-        completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        completion, prompt = reply.completion_tokens, reply.prompt_tokens
         extra = {"prompt_tokens_server": prompt, "prompt_tokens_counted": req.input_tokens,
-                 "token_counts": self.count_source, "finish_reason": choice.get("finish_reason"),
+                 "token_counts": self.count_source, "finish_reason": reply.finish_reason,
                  "retries": note.get("retries", 0), "request_s": round(dt, 6)}
-        if not isinstance(completion, int):
-            completion = self.count_text(text)
-            extra["completion_tokens_counted"] = True     # the server sent no usage
+        if reply.ignored:
+            extra["reply_fields_ignored"] = reply.ignored
+        if completion is None:
+            completion = self.count_text(reply.text)
+            extra["completion_tokens_counted"] = True     # the server sent no usable usage
         with self._lock:
             self.stats["completion_tokens"] += completion
-            self.stats["prompt_tokens"] += prompt if isinstance(prompt, int) else 0
-        return GenResult(text=text, output_tokens=completion, input_tokens=prompt if isinstance(prompt, int) else None,
-                         seconds=dt, extra=extra)
+            self.stats["prompt_tokens"] += prompt or 0
+        return GenResult(text=reply.text, output_tokens=completion, input_tokens=prompt, seconds=dt, extra=extra)
 
     @staticmethod
     def _outcome_key(req: GenRequest, settings: GenSettings) -> tuple:
         digest = hashlib.sha256(json.dumps(req.messages, sort_keys=True, default=str).encode()).hexdigest()
         size = tuple(req.image.size) if req.image is not None else None
         return (repr(req.key), digest, size, req.max_new_tokens, settings)
+
+    def _submit(self, req: GenRequest, settings: GenSettings) -> Future:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hitbench-openai")
+            pool = self._pool
+        return pool.submit(self._one, req, settings)
+
+    def generate_stream(self, requests: Iterable[GenRequest], settings: GenSettings
+                        ) -> Iterator[tuple[int, GenResult | BaseException]]:
+        """Yield ``(index in requests, result or the exception it ended with)`` as each request finishes.
+
+        At most ``concurrency`` requests of this stream are in flight (and at most ``concurrency`` across
+        all callers, who share one pool); ``requests`` may be a lazy iterable, read one request ahead of
+        each free slot, so work queued behind it can depend on what was yielded. Closing the generator
+        early cancels what has not started."""
+        it = iter(enumerate(requests))
+        running: dict[Future, int] = {}
+        try:
+            while True:
+                for i, req in it:
+                    running[self._submit(req, settings)] = i
+                    if len(running) >= self.concurrency:
+                        break
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=running.get):
+                    i = running.pop(f)
+                    try:
+                        outcome = f.result()
+                    except Exception as e:  # noqa: BLE001 - an outcome, not a crash
+                        outcome = e
+                    yield i, outcome
+        finally:
+            for f in running:
+                f.cancel()
 
     def generate(self, requests: list[GenRequest], settings: GenSettings) -> list[GenResult]:
         """The requests concurrently (``concurrency`` at most, across calls), results in order. If any
@@ -556,14 +496,8 @@ class OpenAIBackend:
                     self.stats["reused_outcomes"] += 1
                 else:
                     todo.append(i)
-            if todo and self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hitbench-openai")
-        futures = {i: self._pool.submit(self._one, requests[i], settings) for i in todo}
-        for i, f in futures.items():
-            try:
-                outcomes[i] = f.result()
-            except Exception as e:  # noqa: BLE001 - kept as this request's outcome
-                outcomes[i] = e
+        for j, outcome in self.generate_stream([requests[i] for i in todo], settings):
+            outcomes[todo[j]] = outcome
         failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
         if not failed:
             return outcomes

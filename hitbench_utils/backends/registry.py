@@ -57,9 +57,11 @@ def _openai_load(cfg: Any) -> Any:
 
 
 def _openai_identity(cfg: Any) -> tuple[dict, int]:
-    from .openai import openai_identity
+    """What is served (the server's own model entry), never the address: a moved server resumes."""
+    from .openai_http import served_identity
 
-    return openai_identity(cfg.model, cfg.extra.get("base_url_fleet") or cfg.base_url, cfg.tokenizer), 1024
+    return served_identity(cfg.model, cfg.extra.get("base_url_fleet") or cfg.base_url, tokenizer=cfg.tokenizer,
+                           api_key_env=cfg.api_key_env, max_retries=cfg.max_retries), 1024
 
 
 KINDS: tuple[BackendKind, ...] = (
