@@ -24,6 +24,7 @@ from .pipeline import generate
 from .prepare import Preparer, default_workers, prepare_stream
 from .prompts import load_templates
 from .records import SCHEMA_VERSION
+from .redact import redact, secret_values
 from .runfolder import RunFolder
 from .runlog import RunLock, RunLog, attempts, ensure_run_dir, runnable
 from .scoring_step import Scorer
@@ -59,6 +60,7 @@ class Job:
         self.templates = load_templates(cfg.prompts)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else cfg.default_run_dir(self.runs_root, data_label)
         self.folder = RunFolder(self.run_dir)
+        self.secrets = secret_values([cfg.api_key_env, cfg.judge_api_key_env])   # never stored, wherever echoed
 
     def header(self) -> dict:
         ident, default_new, dtype = backend_identity(self.backend, self.config)
@@ -100,11 +102,12 @@ class Job:
         single = rank is None
         self.claims = None
         with RunLock(self.run_dir, name=self.folder.lock_name(rank)):
-            handler = attach_file_log(self.folder.text_log(rank))
+            handler = attach_file_log(self.folder.text_log(rank), self.secrets)
             runlog = None
             try:
                 runlog = RunLog.open(self.run_dir, header, resume=self.config.resume or not single,
                                      overwrite=self.config.overwrite and single, name=self.folder.log(rank).name)
+                runlog.secrets = self.secrets
                 for n, why in runlog.contents.bad_lines:
                     log.warning("samples.jsonl line %d skipped: %s (records after it are kept)", n, why)
                 yield runlog
@@ -179,7 +182,7 @@ class Job:
         summary = summarize(self.run_dir)
         scoring = self.scorer.provenance() if self.scorer is not None else None
         write_results(self.run_dir, config=self.config.to_dict(), summary=summary, seconds=time.time() - self.t_start,
-                      backend_info=getattr(self.backend, "info", None), scoring=scoring)
+                      backend_info=redact(getattr(self.backend, "info", None), self.secrets), scoring=scoring)
         return summary
 
 

@@ -217,6 +217,7 @@ class RunLog:
         self.run_dir, self.header, self.contents = run_dir, header, contents
         self.path = run_dir / name
         self._fd: int | None = None
+        self.secrets: list[str] = []       # values masked in every record appended (redact.secret_values)
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, header: dict, *, resume: bool = True, overwrite: bool = False,
@@ -301,6 +302,10 @@ class RunLog:
 
     def append(self, record: dict) -> None:
         record["logged_at"] = time.time()       # orders records across the ranks' logs
+        if self.secrets:                        # a server may echo the API key back: it is never stored
+            from .redact import redact
+
+            record = redact(record, self.secrets)
         self._write(record)
         self.contents.records.append(record)
 

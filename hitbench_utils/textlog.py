@@ -7,10 +7,17 @@ from pathlib import Path
 LOGGER = "hitbench"
 
 
-def attach_file_log(path: Path) -> logging.Handler:
+def attach_file_log(path: Path, secrets: list[str] | None = None) -> logging.Handler:
+    """run.log, with ``secrets`` masked in every line (on the logger: the notebook's echo too)."""
+    from .redact import RedactingFilter
+
     h = logging.FileHandler(path, encoding="utf-8")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     lg = logging.getLogger(LOGGER)
+    for f in [f for f in lg.filters if isinstance(f, RedactingFilter)]:
+        lg.removeFilter(f)
+    if secrets:
+        lg.addFilter(RedactingFilter(secrets))
     lg.setLevel(logging.INFO)
     lg.propagate = False          # our own handlers print it; the root logger would print it twice
     lg.addHandler(h)
