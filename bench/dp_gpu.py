@@ -88,20 +88,16 @@ def child(run_dir: str, smoke: bool) -> None:
     meta = json.loads((SUBSET / "meta.json").read_text())
     lengths = {int(k): v for k, v in meta["lengths"].items()}
 
-    class ScriptedJob(Job):
-        """Output lengths scripted per id, through the per-request cap."""
-
-        def _prepare(self, q, attempt):
-            p = super()._prepare(q, attempt)
-            if p.request is not None:
-                p.request.max_new_tokens = min(lengths.get(q.id, 13), 16) if smoke else lengths.get(q.id, 13)
-            return p
+    def scripted(req):
+        """Output lengths scripted per id, through the per-request cap (the run's public seam)."""
+        req.max_new_tokens = min(lengths.get(req.key, 13), 16) if smoke else lengths.get(req.key, 13)
+        return req
 
     cfg = RunConfig(data_path=str(SUBSET / "data"), qa_file=str(SUBSET / "data" / QA), format="html",
                     run_dir=run_dir, max_new_tokens=1024, max_reasks=0, score=False, device=device,
                     limit=24 if smoke else None, max_input_tokens=20_000 if smoke else 100_000)
     t1 = time.time()
-    job = ScriptedJob(cfg, backend=backend, progress=False)
+    job = Job(cfg, backend=backend, progress=False, request_hook=scripted)
     s = job.execute()
     stats = getattr(getattr(job, "engine", None), "stats", {})
     own = Path(run_dir, f"samples.rank{local}.jsonl")

@@ -74,7 +74,7 @@ def main() -> int:
         job = Job(cfg, backend=backend, progress=False)
         header = job.header()
         for q in job.queries:
-            p = job._prepare(q, 1)
+            p = job.preparer().prepare(q, 1)
             row = {"max_pixels": budget or "default (16,777,216)", "id": q.id, "file": q.file_name,
                    "image_size": p.record.image_size, "image_size_sent": p.record.image_size_sent,
                    "image_tokens": p.record.image_tokens, "input_tokens": p.record.input_tokens_sent,

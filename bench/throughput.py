@@ -253,7 +253,7 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
     job = Job(cfg, backend=backend, progress=False)
     job.header()
     t0 = time.time()
-    prepared = [job._prepare(q, 1) for q in job.queries]
+    prepared = [job.preparer().prepare(q, 1) for q in job.queries]
     prep_s = time.time() - t0
     reqs = [p.request for p in prepared if p.request is not None]
     for r in reqs:

@@ -199,6 +199,15 @@ def load_image(image_dir: str | os.PathLike, file_name: str):
         raise MissingInputError(f"table image {path} cannot be decoded ({e}). Fix: re-render or restore it") from None
 
 
+def inputs_present(data_path: str | os.PathLike, image_dir: str | os.PathLike, fmt: str | None, modality: str,
+                   file_name: str) -> bool:
+    """Whether a query's table (and image) files are now there and real (not LFS stubs): a permanent
+    missing_input record whose files were restored is run again on resume."""
+    paths = ([table_path(data_path, fmt, file_name)] if fmt else []) + (
+        [image_path(image_dir, file_name)] if modality in ("image", "mix") else [])
+    return all(p.is_file() and p.stat().st_size > 0 and not is_lfs_pointer(p) for p in paths)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

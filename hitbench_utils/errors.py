@@ -84,9 +84,11 @@ class SampleError(HitbenchError):
 
 
 class MissingInputError(SampleError):
-    """A table, image or xlsx file is absent, empty, corrupt or a Git LFS pointer stub."""
+    """A table, image or xlsx file is absent, empty, corrupt or a Git LFS pointer stub. Permanent: the
+    same file fails the same way, so resume retries it only once the file is there (``data.inputs_present``)."""
 
     status = "missing_input"
+    permanent = True
 
 
 class TruncationError(SampleError):

@@ -21,15 +21,16 @@ from .backends.registry import backend_identity, load_backend, make_engine
 from .checks import check_before_model, check_fixed_part
 from .config import RunConfig, data_fingerprint, fingerprint
 from .pipeline import generate
+from .plan import plan
 from .prepare import Preparer, default_workers, prepare_stream
 from .prompts import load_templates
 from .records import SCHEMA_VERSION
 from .redact import redact, secret_values
 from .runfolder import RunFolder
-from .runlog import RunLock, RunLog, attempts, ensure_run_dir, runnable
+from .runlog import RunLock, RunLog, ensure_run_dir
 from .scoring_step import Scorer
 from .sink import Progress, Sink
-from .status import summarize, write_plan, write_results
+from .status import summarize, write_results
 from .textlog import attach_file_log, detach
 
 log = logging.getLogger("hitbench")
@@ -88,7 +89,7 @@ class Job:
         rank = ranked[0] if ranked is not None and ranked[1] > 1 else None
         check_before_model(self)
         with self._open(rank) as runlog:
-            groups = self._plan(runlog, rank)
+            groups = plan(self, runlog, rank)
             preparer = self._load()
             self._generate(runlog, preparer, prepare_stream(preparer, groups, self._workers()))
             return self._finish(runlog, rank)
@@ -117,28 +118,6 @@ class Job:
                 if self.claims is not None:
                     self.claims.close()
                 detach(handler)
-
-    def _plan(self, runlog: RunLog, rank: int | None) -> Iterator[list[tuple[D.Query, int]]]:
-        """The work as prefix groups of (query, attempt): every runnable id, or the chunks this rank claims."""
-        from .parallel import Claims, claim_order, ranked_world, split_groups
-
-        cfg = self.config
-        ids, cost, groups = claim_order(self.queries, self.data_path, cfg.fmt, self.templates, cfg.max_input_tokens)
-        by_id = {q.id: q for q in self.queries}
-        if rank is None:
-            write_plan(self.run_dir, [q.id for q in self.queries], cfg.max_attempts)
-            records = runlog.contents.records
-            todo = set(runnable(ids, records, cfg.max_attempts))
-            log.info("run %s: %d queries, %d already done, %d to run", self.run_dir, len(ids), len(ids) - len(todo), len(todo))
-            self.total = len(todo)
-            chunks = iter([([i for i in ids if i in todo], attempts(records))])
-        else:
-            claims = self.claims = Claims(self.run_dir, rank)
-            with claims.exclusive():
-                write_plan(self.run_dir, ids, cfg.max_attempts)
-            self.total = None
-            chunks = claims.chunks(ids, 512, cfg.max_attempts, ranked_world(), cost, groups)
-        return ([(by_id[i], tries.get(i, 0) + 1) for i in g] for chunk, tries in chunks for g in split_groups(chunk, groups))
 
     def preparer(self) -> Preparer:
         """The run's preparation (the model loaded first): benchmarks build their baselines' prompts with it."""

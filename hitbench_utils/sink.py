@@ -34,7 +34,7 @@ class Progress:
         self.status[rec.status] += 1
         self.bar.update(1)
         now = time.monotonic()
-        share = self.done / self.total if self.total else 1.0
+        share = self.done / self.total if self.total else 0.0
         if share >= self.next_share or now - self.t_last >= PROGRESS_EVERY_S or self.done == self.total:
             while self.next_share <= share:
                 self.next_share += PROGRESS_EVERY_SHARE
@@ -45,11 +45,15 @@ class Progress:
         now = time.monotonic() if now is None else now
         minutes = max(now - self.t0, 1e-9) / 60
         rate = self.done / minutes
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items()) if k != "ok") or "none"
-        parts = [f"progress {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)",
-                 f"ok {self.status['ok']}", f"errors: {errors}", f"{rate:.1f} q/min",
-                 f"ETA {_minutes(eta)}"]
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            head = [f"progress {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"]
+        else:                    # a data-parallel rank: its share is known only at the end
+            eta, head = float("inf"), [f"progress {self.done} done by this rank"]
+        parts = head + [f"ok {self.status['ok']}", f"errors: {errors}", f"{rate:.1f} q/min"]
+        if self.total:
+            parts.append(f"ETA {_minutes(eta)}")
         stats = getattr(self.engine, "stats", None) or {}
         if stats.get("prefill_s"):
             parts.append(f"prefill {stats['prefix_tokens'] / stats['prefill_s']:,.0f} tok/s")

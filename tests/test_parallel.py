@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hitbench_utils.parallel import Claims
+from hitbench_utils.backends.registry import backend_identity
 from hitbench_utils.run import Job, run
 from hitbench_utils.config import RunConfig
 from hitbench_utils.runlog import RunLog, read_log, view
@@ -200,6 +201,6 @@ def test_a_fleet_of_servers_gives_each_worker_its_own_url():
 
     with FakeOpenAI(model="m") as a, FakeOpenAI(model="m") as b:
         fleet = f"{a.url},{b.url}"
-        idents = [Job(worker_config({"model": "openai:m", "base_url": fleet, "num_processes": 2}, r, 1),
-                      progress=False)._identity()[0] for r in (0, 1)]
+        idents = [backend_identity(None, worker_config({"model": "openai:m", "base_url": fleet, "num_processes": 2},
+                                                       r, 1))[0] for r in (0, 1)]
     assert idents[0] == idents[1] and idents[0]["served"]["id"] == "m" and "base_url" not in idents[0]

@@ -7,7 +7,8 @@ from hitbench_utils.config import RunConfig
 from hitbench_utils.errors import SampleOOM
 from hitbench_utils.prefix_engine import PrefixEngine
 from hitbench_utils.prompts import build_prompt, load_templates
-from hitbench_utils.run import Job, make_engine
+from hitbench_utils.backends.registry import make_engine
+from hitbench_utils.run import Job
 from hitbench_utils.runlog import read_log, view
 
 
