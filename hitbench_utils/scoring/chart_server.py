@@ -6,10 +6,16 @@ pays it once and forks a fresh child per program (a few milliseconds). The serve
 safe. Protocol: one JSON request per line on stdin, one JSON reply per line on stdout, matched by
 ``id``; ``{"type": "ready", ...}`` once warmed up; EOF on stdin (or SIGTERM) shuts it down.
 
-Per program the server makes a fresh working folder holding a copy of the xlsx (the sandbox uid may
-not be able to read the original, and must not be able to change it), forks the child
-(``chart_child``), enforces the wall timeout by killing the child's process group and — for a
-dedicated uid — every process of that uid, writes the PNG/series artifacts, and removes the folder.
+Per program the server makes a fresh working folder — a size-limited tmpfs (``quota``) in the
+server's private mount namespace — holding a copy of the xlsx (the sandbox uid may not be able to
+read the original, and must not be able to change it), forks the child (``chart_child``), enforces
+the wall timeout by killing the child's process group and — for a dedicated uid — every process of
+that uid, validates the child's report (``chart_reply``), writes the PNG, and removes the folder.
+
+It fails closed: a confinement layer that cannot be set up here (no Landlock, no seccomp filter for
+this CPU, no private mount namespace for the quota, a failed self-test) is listed in ``missing``, and
+every request is then answered with an ``infra_error`` naming it, unless the request says
+``allow_unsealed`` (the ``chart_allow_unsealed`` parameter): then it runs with the layers there are.
 """
 from __future__ import annotations
 
@@ -26,7 +32,6 @@ import tempfile
 import time
 from collections import deque
 
-MAX_RESULT_BYTES = 256 << 20
 
 
 def _temp_root() -> str:
@@ -51,10 +56,12 @@ def _remove_stale_folders() -> None:
 
 
 class Server:
-    def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto") -> None:
-        from hitbench_utils.scoring import chart_child, sandbox
+    def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto",
+                 quota_mb: int = 64, namespace_error: str | None = None) -> None:
+        from hitbench_utils.scoring import chart_child, chart_reply, landlock, quota, sandbox
 
-        self.child, self.sandbox = chart_child, sandbox
+        self.child, self.reply_mod, self.landlock, self.quota = chart_child, chart_reply, landlock, quota
+        self.sandbox = sandbox
         self.max_children = max_children
         self.queue: deque = deque()
         self.running: dict[int, dict] = {}
@@ -64,17 +71,27 @@ class Server:
         os.chmod(self.base, 0o711)  # sandbox uids may enter their own folder, not list others
         self.root = os.geteuid() == 0
         self.uids = sandbox.UidPool(uid_base, max_children) if self.root else None
-        landlock = sandbox.landlock_abi()
+        abi = landlock.landlock_abi()
         if not self.root:
             self.mode = "user"
         elif mode == "auto":
-            self.mode = sandbox.choose_root_mode(self.uids.free[0] if self.uids.free else 65534, landlock)
+            self.mode = sandbox.choose_root_mode(self.uids.free[0] if self.uids.free else 65534, abi)
         else:
             self.mode = mode
+        self.missing: list[str] = []
+        if not abi:
+            self.missing.append("Landlock (the kernel offers no Landlock ABI: it needs Linux >= 5.13 with "
+                                "landlock in the kernel's lsm= list)")
+        if not sandbox.seccomp_supported():
+            self.missing.append(f"seccomp (no filter for the {os.uname().machine} architecture)")
+        if namespace_error:
+            self.missing.append(f"the disk quota ({namespace_error})")
         with open("/proc/self/status") as fh:
             vm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
-        self.ctx = {"landlock": landlock, "mode": self.mode, "vm_bytes": vm_kb * 1024,
-                    "memory_bytes": memory_mb << 20}
+        self.ctx = {"landlock": abi, "mode": self.mode, "vm_bytes": vm_kb * 1024, "memory_bytes": memory_mb << 20,
+                    "quota_bytes": quota_mb << 20, "quota": namespace_error is None,
+                    "userns": not self.root and namespace_error is None, "seccomp": sandbox.seccomp_supported(),
+                    "read_roots": landlock.read_roots(), "env": dict(os.environ), "server_pid": os.getpid()}
         self.out_fd = os.dup(1)  # replies go here; stray library prints go to /dev/null
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -95,10 +112,14 @@ class Server:
         self.test_error = self.self_test()
 
     def self_test(self) -> str | None:
-        """Contain a trivial program once; if Landlock cannot be applied here, go on without it
-        (and leave 'nocaps', which needs it). Returns the error that remains, or None."""
+        """Contain a trivial program once with every layer. A failure is a missing layer; then try
+        without Landlock (and 'nocaps', which needs it), for ``allow_unsealed`` requests only.
+        Returns the error that remains (nothing can run at all), or None."""
         error = self._contain_once()
-        if error and self.ctx["landlock"]:
+        if error is None:
+            return None
+        self.missing.append(f"the sandbox self-test ({error})")
+        if self.ctx["landlock"]:
             self.ctx["landlock"] = 0
             if self.mode == "nocaps":
                 self.mode = self.ctx["mode"] = "uid"
@@ -107,16 +128,61 @@ class Server:
 
     def _contain_once(self) -> str | None:
         uid = (self.uids.free[0] if self.uids.free else 65534) if self.mode == "uid" else None
-        return self.child.self_test(self.base, uid, self.ctx)
+        job = {"code": "x = 1\n", "chart_type": "BarChart", "timeout": 10, "uid": uid, "dedicated": False}
+        try:
+            self.prepare(job, None)
+            return self.child.self_test(job, self.ctx)
+        except OSError as exc:
+            return f"preparing the working folder failed: {exc}"
+        finally:
+            self.cleanup(job)
 
     def _on_term(self, *_: object) -> None:
         self.closing = True
 
     def info(self) -> dict:
         return {"mode": self.mode, "root": self.root, "self_test_error": self.test_error,
-                "dedicated_uids": self.mode == "uid" and bool(self.uids.free),
-                "landlock_abi": self.ctx["landlock"], "max_children": self.max_children,
+                "dedicated_uids": self.mode == "uid" and bool(self.uids.free), "sealed": not self.missing,
+                "missing_layers": list(self.missing), "landlock_abi": self.ctx["landlock"],
+                "seccomp": self.ctx["seccomp"], "quota_mb": self.ctx["quota_bytes"] >> 20 if self.ctx["quota"] else None,
+                "read_roots": self.ctx["read_roots"], "max_children": self.max_children,
                 "memory_mb": self.ctx["memory_bytes"] >> 20, "pid": os.getpid()}
+
+    def refusal(self, job: dict) -> str | None:
+        """Why this request may not run (fails closed), or None."""
+        if self.missing and not job["allow_unsealed"]:
+            return ("the chart sandbox cannot be sealed on this machine; missing: " + "; ".join(self.missing)
+                    + ". Chart programs are not run and score as infra_error. Fix the machine, or accept a "
+                    "weaker sandbox with chart_allow_unsealed=True (rescore: --chart-allow-unsealed)")
+        if self.test_error:
+            return f"the chart sandbox does not work here, even unsealed: {self.test_error}"
+        for path in (os.path.dirname(job["xlsx"]), os.path.dirname(os.path.dirname(job["xlsx"])),
+                     job["artifacts_dir"]):
+            root = path and self.landlock.exposed_by(path, self.ctx["read_roots"])
+            if root:
+                return (f"{path} lies inside {root}, which chart programs may read (Python, libraries, "
+                        f"fonts); move the dataset and the run folder out of it")
+        return None
+
+    def prepare(self, job: dict, src: str | None) -> None:
+        """A fresh working folder: its own tmpfs quota (room for the xlsx too), the xlsx copied in,
+        owned by the program's identity."""
+        job["workdir"] = workdir = tempfile.mkdtemp(dir=self.base)
+        uid = job["uid"]
+        if self.ctx["quota"]:
+            size = self.ctx["quota_bytes"] + (os.path.getsize(src) if src else 0)
+            self.quota.mount_quota(workdir, size, uid, uid)
+            job["mounted"] = True
+        name = os.path.basename(src or "table.xlsx")  # keep the name, unless it could break a string literal
+        name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
+        job["xlsx_copy"] = dst = os.path.join(workdir, name)
+        if src:
+            shutil.copyfile(src, dst)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+            if src:
+                os.chown(dst, uid, uid)
+        os.chmod(workdir, 0o700)
 
     def reply(self, obj: dict) -> None:
         self.child.send(self.out_fd, obj, newline=True)
@@ -149,29 +215,26 @@ class Server:
                 self.queue.append(req)
 
     def start(self, req: dict) -> None:
-        job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": req.get("code", ""),
-               "chart_type": req.get("chart_type", ""), "compat": bool(req.get("compat")),
+        job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": str(req.get("code", "")),
+               "chart_type": str(req.get("chart_type", "")), "compat": bool(req.get("compat")),
                "render": bool(req.get("artifacts_dir")), "artifacts_dir": req.get("artifacts_dir"),
-               "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None,
-               "dedicated": False, "buf": bytearray(), "eof": False, "status": None, "timed_out": False}
+               "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None, "xlsx": str(req.get("xlsx", "")),
+               "allow_unsealed": bool(req.get("allow_unsealed")), "dedicated": False, "buf": bytearray(),
+               "eof": False, "status": None, "timed_out": False}
+        refused = self.refusal(job)
+        if refused:
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "infra_error": True, "error": refused})
+            return
         if self.mode == "uid":
             uid = self.uids.take()
             job["uid"], job["dedicated"] = (uid, True) if uid is not None else (65534, False)
         try:
-            job["workdir"] = workdir = tempfile.mkdtemp(dir=self.base)
-            src = req["xlsx"]
-            name = os.path.basename(src)  # keep the table's name, unless it could break a string literal
-            name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
-            job["xlsx_copy"] = dst = os.path.join(workdir, name)
-            shutil.copyfile(src, dst)
-            if job["uid"] is not None:
-                os.chown(workdir, job["uid"], job["uid"])
-                os.chown(dst, job["uid"], job["uid"])
-            os.chmod(workdir, 0o700)
-        except (OSError, KeyError) as exc:
+            self.prepare(job, job["xlsx"])
+        except OSError as exc:
             self.cleanup(job)
-            self.reply({"type": "result", "id": job["id"], "ECR": False, "missing_input": True,
-                        "error": f"cannot copy the xlsx into the sandbox: {exc}"})
+            missing = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "missing_input": missing,
+                        "infra_error": not missing, "error": f"cannot copy the xlsx into the sandbox: {exc}"})
             return
         r, w = os.pipe()
         job["started"] = time.monotonic()
@@ -211,9 +274,9 @@ class Server:
             if job.get("too_large"):
                 continue
             job["buf"] += data
-            if len(job["buf"]) > MAX_RESULT_BYTES:
+            if len(job["buf"]) > self.reply_mod.MAX_REPLY_BYTES + 1:
                 job["too_large"] = True
-                job["buf"] = bytearray(b'{"ECR": false, "error": "the program\'s result is too large"}')
+                job["buf"] = bytearray()
                 self.kill(job)
 
     def kill(self, job: dict, timed_out: bool = False) -> None:
@@ -256,20 +319,35 @@ class Server:
         del self.running[job["pid"]]
         result = {"type": "result", "id": job["id"], "ECR": False, "error": None, "series": None,
                   "duration_s": round(time.monotonic() - job["started"], 3)}
+        if self.missing:
+            result["unsealed"] = list(self.missing)
+        buf, rm = bytes(job["buf"]), self.reply_mod
         if job["timed_out"]:
             result["error"] = f"timeout: the program ran longer than {job['timeout']:g} s"
+        elif job.get("too_large"):
+            result["error"] = f"the program's reply was malformed: more than {rm.MAX_REPLY_BYTES} bytes"
+        elif buf[:1] == rm.SETUP_FAILED:  # written before the program ran: ours, not the program's
+            result.update(infra_error=True, error=rm.cap_text(buf[1:].decode(errors="replace")))
+        elif buf[:1] != rm.SEALED:
+            result.update(infra_error=True, error="the sandbox child ended before sealing itself: "
+                          + self.child.describe_exit(job["status"]))
+        elif len(buf) == 1:
+            result["error"] = self.child.describe_exit(job["status"])
         else:
-            try:
-                result.update(json.loads(bytes(job["buf"])))
-            except ValueError:
-                result["error"] = self.child.describe_exit(job["status"])
-        png = result.pop("png", None)
-        if job["artifacts_dir"] and not result.get("infra_error"):
-            result["artifacts"] = self.child.write_artifacts(job, result, png)
+            report = rm.parse_report(buf[1:])
+            png = report.pop("png")
+            result.update({k: v for k, v in report.items() if v is not None})
+            if job["artifacts_dir"] and png:
+                result["artifacts"] = self.child.write_png(job, png)
         self.cleanup(job)
         self.reply(result)
 
     def cleanup(self, job: dict) -> None:
+        if job.pop("mounted", False):
+            try:
+                self.quota.unmount(job["workdir"])
+            except OSError:
+                pass
         if job.get("workdir"):
             shutil.rmtree(job["workdir"], ignore_errors=True)
         if job["dedicated"]:
@@ -319,17 +397,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-children", type=int, default=max(2, os.cpu_count() or 2))
     parser.add_argument("--memory-mb", type=int, default=4096, help="address space per program, on top of the server's")
+    parser.add_argument("--quota-mb", type=int, default=64, help="disk quota of each program's folder")
     parser.add_argument("--uid-base", type=int, default=52000, help="first uid tried for sandbox slots (when root)")
     parser.add_argument("--sandbox", choices=("auto", "uid", "nocaps"), default="auto",
                         help="as root: drop to a sandbox uid, or stay uid 0 without capabilities (auto: probe)")
     args = parser.parse_args(argv)
+    from hitbench_utils.scoring import quota
+
+    namespace_error = None
+    try:
+        quota.enter_private_mounts()  # first: it needs a single-threaded process
+    except OSError as exc:
+        namespace_error = f"no private mount namespace for the per-program tmpfs: {exc}"
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = "1"  # no thread pools: children run under RLIMIT_NPROC
     os.environ["MPLBACKEND"] = "Agg"
     from hitbench_utils.scoring.chart_child import warm_up
 
     versions = warm_up()
-    server = Server(args.max_children, args.memory_mb, args.uid_base, args.sandbox)
+    server = Server(args.max_children, args.memory_mb, args.uid_base, args.sandbox, args.quota_mb, namespace_error)
     gc.collect()
     gc.freeze()  # keep the warmed heap shared copy-on-write with every child
     server.reply({"type": "ready", "versions": versions, "sandbox": server.info()})
