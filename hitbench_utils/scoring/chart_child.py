@@ -20,7 +20,7 @@ import sys
 import tempfile
 import traceback
 
-from hitbench_utils.scoring import chart_code, chart_reply, landlock, sandbox
+from hitbench_utils.scoring import chart_code, chart_reply, chart_root, landlock, sandbox
 
 PROGRAM_NAME = "<chart program>"
 _PR_SET_PDEATHSIG = 1
@@ -101,8 +101,11 @@ def write_png(job: dict, png: bytes) -> dict:
 def seal(job: dict, ctx: dict) -> None:
     """Every confinement layer, in an order where each still has what it needs (capabilities are
     dropped while /proc is readable; Landlock before seccomp, which forbids what it would need)."""
-    workdir = job["workdir"]
-    os.chdir(workdir)
+    workdir = job["child_workdir"]
+    if ctx["chroot"]:
+        chart_root.enter_root(ctx["chroot"], workdir)
+    else:
+        os.chdir(workdir)
     os.environ.clear()
     os.environ.update(chart_reply.child_environment(workdir, ctx["env"]))
     tempfile.tempdir = workdir
@@ -111,7 +114,7 @@ def seal(job: dict, ctx: dict) -> None:
     if ctx["mode"] == "uid":
         sandbox.drop_privileges(job["uid"], job["uid"])
     elif ctx["mode"] == "nocaps" or ctx["userns"]:
-        sandbox.drop_capabilities()
+        sandbox.drop_capabilities(ctx["last_cap"])
     elif os.geteuid() == 0:
         raise PermissionError("refusing to run a chart program as root without a sandbox")
     if ctx["landlock"]:

@@ -28,6 +28,7 @@ import re
 import selectors
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections import deque
@@ -58,9 +59,10 @@ def _remove_stale_folders() -> None:
 class Server:
     def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto",
                  quota_mb: int = 64, namespace_error: str | None = None) -> None:
-        from hitbench_utils.scoring import chart_child, chart_reply, landlock, quota, sandbox
+        from hitbench_utils.scoring import chart_child, chart_reply, chart_root, landlock, quota, sandbox
 
         self.child, self.reply_mod, self.landlock, self.quota = chart_child, chart_reply, landlock, quota
+        self.chart_root = chart_root
         self.sandbox = sandbox
         self.max_children = max_children
         self.queue: deque = deque()
@@ -91,7 +93,18 @@ class Server:
         self.ctx = {"landlock": abi, "mode": self.mode, "vm_bytes": vm_kb * 1024, "memory_bytes": memory_mb << 20,
                     "quota_bytes": quota_mb << 20, "quota": namespace_error is None,
                     "userns": not self.root and namespace_error is None, "seccomp": sandbox.seccomp_supported(),
-                    "read_roots": landlock.read_roots(), "env": dict(os.environ), "server_pid": os.getpid()}
+                    "read_roots": landlock.read_roots(), "env": dict(os.environ), "server_pid": os.getpid(),
+                    "chroot": None, "last_cap": sandbox.cap_last_cap()}
+        self.work = self.base
+        if namespace_error is None:
+            try:
+                roots = self.ctx["read_roots"]
+                spellings = tuple(p for p in sys.path if p and os.path.realpath(p) != os.path.abspath(p)
+                                  and landlock.exposed_by(p, roots))
+                self.work = chart_root.build_root(os.path.join(self.base, "root"), roots, spellings)
+                self.ctx["chroot"] = os.path.join(self.base, "root")
+            except OSError as exc:
+                self.missing.append(f"the programs' own filesystem view ({exc})")
         self.out_fd = os.dup(1)  # replies go here; stray library prints go to /dev/null
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -167,7 +180,10 @@ class Server:
     def prepare(self, job: dict, src: str | None) -> None:
         """A fresh working folder: its own tmpfs quota (room for the xlsx too), the xlsx copied in,
         owned by the program's identity."""
-        job["workdir"] = workdir = tempfile.mkdtemp(dir=self.base)
+        job["workdir"] = workdir = tempfile.mkdtemp(dir=self.work)
+        job["child_workdir"] = workdir
+        if self.ctx["chroot"]:
+            job["child_workdir"] = f"{self.chart_root.WORK}/{os.path.basename(workdir)}"
         uid = job["uid"]
         if self.ctx["quota"]:
             size = self.ctx["quota_bytes"] + (os.path.getsize(src) if src else 0)
@@ -175,7 +191,8 @@ class Server:
             job["mounted"] = True
         name = os.path.basename(src or "table.xlsx")  # keep the name, unless it could break a string literal
         name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
-        job["xlsx_copy"] = dst = os.path.join(workdir, name)
+        dst = os.path.join(workdir, name)
+        job["xlsx_copy"] = os.path.join(job["child_workdir"], name)  # the path the program sees
         if src:
             shutil.copyfile(src, dst)
         if uid is not None:

@@ -26,7 +26,7 @@ import resource
 import signal
 import time
 
-__all__ = ["apply_limits", "drop_privileges", "drop_capabilities", "install_seccomp", "seccomp_supported", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
+__all__ = ["apply_limits", "drop_privileges", "drop_capabilities", "install_seccomp", "seccomp_supported", "cap_last_cap", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
@@ -122,7 +122,13 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise PermissionError("still root after dropping privileges")
 
 
-def drop_capabilities() -> None:
+def cap_last_cap() -> int:
+    """The highest capability number this kernel knows (read before the child loses /proc)."""
+    with open("/proc/sys/kernel/cap_last_cap") as fh:
+        return int(fh.read())
+
+
+def drop_capabilities(last: int | None = None) -> None:
     """Stay uid 0 but give up every capability for good (bounding set, securebits, capset).
 
     Used as root when a sandbox uid cannot read the Python installation (e.g. it lives under a
@@ -133,8 +139,7 @@ def drop_capabilities() -> None:
     # NOROOT|NOROOT_LOCKED|NO_SETUID_FIXUP|NO_SETUID_FIXUP_LOCKED|KEEP_CAPS_LOCKED: no way back via exec.
     if libc.prctl(_PR_SET_SECUREBITS, 0b101111, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(SET_SECUREBITS) failed")
-    with open("/proc/sys/kernel/cap_last_cap") as fh:
-        last = int(fh.read())
+    last = cap_last_cap() if last is None else last
     for cap in range(last + 1):
         if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), f"prctl(CAPBSET_DROP, {cap}) failed")
@@ -143,10 +148,10 @@ def drop_capabilities() -> None:
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2 words): all zero
     if libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
-    with open("/proc/self/status") as fh:
-        eff = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
-    if int(eff, 16) != 0:
-        raise PermissionError("capabilities still effective after dropping them")
+    if libc.capget(ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    if any(data):
+        raise PermissionError("capabilities still held after dropping them")
 
 
 def uid_can_read(uid: int, paths: list[str]) -> bool:
