@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["build_root", "enter_root", "RootError", "WORK"]
+__all__ = ["build_root", "enter_root", "remove_root", "RootError", "WORK"]
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 32, 4096, 1 << 14
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -43,11 +43,8 @@ def _bind(src: str, root: str, read_only: bool) -> None:
         if not os.path.exists(dst):
             open(dst, "w").close()
     _mount(src, dst, None, _MS_BIND | _MS_REC)
-    if read_only:
-        try:  # adding read-only is allowed even on mounts locked by a user namespace
-            _mount("none", dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
-        except RootError:
-            pass  # Landlock still refuses writes there; the view itself is what matters
+    if read_only:  # adding read-only is allowed even on mounts locked by a user namespace
+        _mount("none", dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
 
 
 def build_root(root: str, read_roots: list[str], extra_paths: tuple[str, ...] = ()) -> str:
@@ -79,10 +76,15 @@ def _bind_as(path: str, root: str) -> None:
     dst = root + path
     os.makedirs(dst, exist_ok=True)
     _mount(os.path.realpath(path), dst, None, _MS_BIND | _MS_REC)
-    try:
-        _mount("none", dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
-    except RootError:
-        pass
+    _mount("none", dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
+
+
+def remove_root(root: str) -> None:
+    """Detach the whole view (every bind below it, lazily) before its folder is removed: a
+    recursive delete must never walk into the bound Python installation or system folders."""
+    if os.path.ismount(root) and _libc.umount2(root.encode(), 2) != 0:  # MNT_DETACH
+        errno = ctypes.get_errno()
+        raise RootError(errno, f"unmounting {root}: {os.strerror(errno)}")
 
 
 def enter_root(root: str, workdir: str) -> None:

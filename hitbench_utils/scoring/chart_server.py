@@ -28,7 +28,6 @@ import re
 import selectors
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections import deque
@@ -59,11 +58,10 @@ def _remove_stale_folders() -> None:
 class Server:
     def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto",
                  quota_mb: int = 64, namespace_error: str | None = None) -> None:
-        from hitbench_utils.scoring import chart_child, chart_reply, chart_root, landlock, quota, sandbox
+        from hitbench_utils.scoring import chart_child, chart_reply, sandbox
+        from hitbench_utils.scoring.confinement import Confinement
 
-        self.child, self.reply_mod, self.landlock, self.quota = chart_child, chart_reply, landlock, quota
-        self.chart_root = chart_root
-        self.sandbox = sandbox
+        self.child, self.reply_mod, self.sandbox = chart_child, chart_reply, sandbox
         self.max_children = max_children
         self.queue: deque = deque()
         self.running: dict[int, dict] = {}
@@ -71,40 +69,8 @@ class Server:
         _remove_stale_folders()
         self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=_temp_root())
         os.chmod(self.base, 0o711)  # sandbox uids may enter their own folder, not list others
-        self.root = os.geteuid() == 0
-        self.uids = sandbox.UidPool(uid_base, max_children) if self.root else None
-        abi = landlock.landlock_abi()
-        if not self.root:
-            self.mode = "user"
-        elif mode == "auto":
-            self.mode = sandbox.choose_root_mode(self.uids.free[0] if self.uids.free else 65534, abi)
-        else:
-            self.mode = mode
-        self.missing: list[str] = []
-        if not abi:
-            self.missing.append("Landlock (the kernel offers no Landlock ABI: it needs Linux >= 5.13 with "
-                                "landlock in the kernel's lsm= list)")
-        if not sandbox.seccomp_supported():
-            self.missing.append(f"seccomp (no filter for the {os.uname().machine} architecture)")
-        if namespace_error:
-            self.missing.append(f"the disk quota ({namespace_error})")
-        with open("/proc/self/status") as fh:
-            vm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
-        self.ctx = {"landlock": abi, "mode": self.mode, "vm_bytes": vm_kb * 1024, "memory_bytes": memory_mb << 20,
-                    "quota_bytes": quota_mb << 20, "quota": namespace_error is None,
-                    "userns": not self.root and namespace_error is None, "seccomp": sandbox.seccomp_supported(),
-                    "read_roots": landlock.read_roots(), "env": dict(os.environ), "server_pid": os.getpid(),
-                    "chroot": None, "last_cap": sandbox.cap_last_cap()}
-        self.work = self.base
-        if namespace_error is None:
-            try:
-                roots = self.ctx["read_roots"]
-                spellings = tuple(p for p in sys.path if p and os.path.realpath(p) != os.path.abspath(p)
-                                  and landlock.exposed_by(p, roots))
-                self.work = chart_root.build_root(os.path.join(self.base, "root"), roots, spellings)
-                self.ctx["chroot"] = os.path.join(self.base, "root")
-            except OSError as exc:
-                self.missing.append(f"the programs' own filesystem view ({exc})")
+        self.conf = conf = Confinement(self.base, max_children, memory_mb, uid_base, mode, quota_mb, namespace_error)
+        self.ctx, self.uids, self.missing = conf.ctx, conf.uids, conf.missing
         self.out_fd = os.dup(1)  # replies go here; stray library prints go to /dev/null
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -122,84 +88,13 @@ class Server:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         ctypes.CDLL(None).prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to us
-        self.test_error = self.self_test()
-
-    def self_test(self) -> str | None:
-        """Contain a trivial program once with every layer. A failure is a missing layer; then try
-        without Landlock (and 'nocaps', which needs it), for ``allow_unsealed`` requests only.
-        Returns the error that remains (nothing can run at all), or None."""
-        error = self._contain_once()
-        if error is None:
-            return None
-        self.missing.append(f"the sandbox self-test ({error})")
-        if self.ctx["landlock"]:
-            self.ctx["landlock"] = 0
-            if self.mode == "nocaps":
-                self.mode = self.ctx["mode"] = "uid"
-            error = self._contain_once()
-        return error
-
-    def _contain_once(self) -> str | None:
-        uid = (self.uids.free[0] if self.uids.free else 65534) if self.mode == "uid" else None
-        job = {"code": "x = 1\n", "chart_type": "BarChart", "timeout": 10, "uid": uid, "dedicated": False}
-        try:
-            self.prepare(job, None)
-            return self.child.self_test(job, self.ctx)
-        except OSError as exc:
-            return f"preparing the working folder failed: {exc}"
-        finally:
-            self.cleanup(job)
+        conf.test_error = conf.self_test()
 
     def _on_term(self, *_: object) -> None:
         self.closing = True
 
     def info(self) -> dict:
-        return {"mode": self.mode, "root": self.root, "self_test_error": self.test_error,
-                "dedicated_uids": self.mode == "uid" and bool(self.uids.free), "sealed": not self.missing,
-                "missing_layers": list(self.missing), "landlock_abi": self.ctx["landlock"],
-                "seccomp": self.ctx["seccomp"], "quota_mb": self.ctx["quota_bytes"] >> 20 if self.ctx["quota"] else None,
-                "read_roots": self.ctx["read_roots"], "max_children": self.max_children,
-                "memory_mb": self.ctx["memory_bytes"] >> 20, "pid": os.getpid()}
-
-    def refusal(self, job: dict) -> str | None:
-        """Why this request may not run (fails closed), or None."""
-        if self.missing and not job["allow_unsealed"]:
-            return ("the chart sandbox cannot be sealed on this machine; missing: " + "; ".join(self.missing)
-                    + ". Chart programs are not run and score as infra_error. Fix the machine, or accept a "
-                    "weaker sandbox with chart_allow_unsealed=True (rescore: --chart-allow-unsealed)")
-        if self.test_error:
-            return f"the chart sandbox does not work here, even unsealed: {self.test_error}"
-        for path in (os.path.dirname(job["xlsx"]), os.path.dirname(os.path.dirname(job["xlsx"])),
-                     job["artifacts_dir"]):
-            root = path and self.landlock.exposed_by(path, self.ctx["read_roots"])
-            if root:
-                return (f"{path} lies inside {root}, which chart programs may read (Python, libraries, "
-                        f"fonts); move the dataset and the run folder out of it")
-        return None
-
-    def prepare(self, job: dict, src: str | None) -> None:
-        """A fresh working folder: its own tmpfs quota (room for the xlsx too), the xlsx copied in,
-        owned by the program's identity."""
-        job["workdir"] = workdir = tempfile.mkdtemp(dir=self.work)
-        job["child_workdir"] = workdir
-        if self.ctx["chroot"]:
-            job["child_workdir"] = f"{self.chart_root.WORK}/{os.path.basename(workdir)}"
-        uid = job["uid"]
-        if self.ctx["quota"]:
-            size = self.ctx["quota_bytes"] + (os.path.getsize(src) if src else 0)
-            self.quota.mount_quota(workdir, size, uid, uid)
-            job["mounted"] = True
-        name = os.path.basename(src or "table.xlsx")  # keep the name, unless it could break a string literal
-        name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
-        dst = os.path.join(workdir, name)
-        job["xlsx_copy"] = os.path.join(job["child_workdir"], name)  # the path the program sees
-        if src:
-            shutil.copyfile(src, dst)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            if src:
-                os.chown(dst, uid, uid)
-        os.chmod(workdir, 0o700)
+        return {**self.conf.info(), "max_children": self.max_children}
 
     def reply(self, obj: dict) -> None:
         self.child.send(self.out_fd, obj, newline=True)
@@ -238,15 +133,15 @@ class Server:
                "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None, "xlsx": str(req.get("xlsx", "")),
                "allow_unsealed": bool(req.get("allow_unsealed")), "dedicated": False, "buf": bytearray(),
                "eof": False, "status": None, "timed_out": False}
-        refused = self.refusal(job)
+        refused = self.conf.refusal(job)
         if refused:
             self.reply({"type": "result", "id": job["id"], "ECR": False, "infra_error": True, "error": refused})
             return
-        if self.mode == "uid":
+        if self.conf.mode == "uid":
             uid = self.uids.take()
             job["uid"], job["dedicated"] = (uid, True) if uid is not None else (65534, False)
         try:
-            self.prepare(job, job["xlsx"])
+            self.conf.prepare(job, job["xlsx"])
         except OSError as exc:
             self.cleanup(job)
             missing = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
@@ -360,15 +255,7 @@ class Server:
         self.reply(result)
 
     def cleanup(self, job: dict) -> None:
-        if job.pop("mounted", False):
-            try:
-                self.quota.unmount(job["workdir"])
-            except OSError:
-                pass
-        if job.get("workdir"):
-            shutil.rmtree(job["workdir"], ignore_errors=True)
-        if job["dedicated"]:
-            self.uids.give(job["uid"])
+        self.conf.cleanup(job)
 
     # ---- loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -407,7 +294,7 @@ class Server:
                     self.kill(job, timed_out=True)
                 if job["status"] is not None:
                     self.finish(job)
-        shutil.rmtree(self.base, ignore_errors=True)
+        self.conf.close()
 
 
 def main(argv: list[str] | None = None) -> None:
