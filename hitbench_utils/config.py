@@ -54,6 +54,8 @@ class RunConfig:
     device: str = "auto"
     score: bool = True
     chart_timeout: float = 20.0
+    chart_compat: bool = False            # score charts with the original harness's exec scoping (for comparison)
+    chart_allow_unsealed: bool = False    # run chart programs even where a sandbox layer is missing (weaker)
     judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"

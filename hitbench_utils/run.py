@@ -421,7 +421,8 @@ class Job:
 
             out = score_record(rec.to_dict(), xlsx_path=str(D.xlsx_path(self.data_path, rec.file_name)),
                                artifacts_dir=str(self.run_dir / "charts"), chart_timeout=self.config.chart_timeout,
-                               judge=self.judge())
+                               judge=self.judge(), chart_compat=self.config.chart_compat,
+                               chart_allow_unsealed=self.config.chart_allow_unsealed)
             rec.scores, rec.score_status, rec.score_error = out["scores"], out["score_status"], out.get("score_error")
             rec.score_detail = out.get("score_detail")
         except Exception as e:  # noqa: BLE001 - the answer is never lost to a scoring failure
@@ -434,7 +435,7 @@ class Job:
         if self.config.score:
             from .scoring import scoring_provenance
 
-            scoring = scoring_provenance(chart_compat=False, judge=self.judge())
+            scoring = scoring_provenance(chart_compat=self.config.chart_compat, judge=self.judge())
         write_results(self.run_dir, config=self.config.to_dict(), summary=summary, seconds=seconds,
                       backend_info=getattr(self.backend, "info", None), scoring=scoring)
 
