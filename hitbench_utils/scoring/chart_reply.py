@@ -13,10 +13,12 @@ import binascii
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["SEALED", "SETUP_FAILED", "parse_report", "server_environment", "child_environment", "redact",
+from hitbench_utils.errors import ChartReplyError
+
+__all__ = ["SEALED", "SETUP_FAILED", "parse_report", "interpret", "server_environment", "child_environment", "redact",
            "MAX_REPLY_BYTES", "MAX_SERIES_VALUES", "MAX_PNG_BYTES", "MAX_ERROR_CHARS"]
 
 SEALED, SETUP_FAILED = b"S", b"E"
@@ -31,10 +33,6 @@ _LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-class Malformed(ValueError):
-    """The child's report breaks the schema."""
-
-
 def cap_text(text: Any, limit: int = MAX_ERROR_CHARS) -> str | None:
     """``text`` as a string of at most ``limit`` characters (None stays None)."""
     if text is None:
@@ -45,17 +43,17 @@ def cap_text(text: Any, limit: int = MAX_ERROR_CHARS) -> str | None:
 
 def _value(v: Any) -> float | str:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise Malformed(f"a y-value of type {type(v).__name__}")
+        raise ChartReplyError(f"a y-value of type {type(v).__name__}")
     if isinstance(v, str):
         if len(v) > MAX_VALUE_CHARS:
-            raise Malformed(f"a text y-value of {len(v)} characters (at most {MAX_VALUE_CHARS})")
+            raise ChartReplyError(f"a text y-value of {len(v)} characters (at most {MAX_VALUE_CHARS})")
         return v
     return float(v) if not (isinstance(v, float) and math.isnan(v)) else math.nan
 
 
 def _series(raw: Any) -> list:
     if not isinstance(raw, list):
-        raise Malformed(f"series is a {type(raw).__name__}, not a list")
+        raise ChartReplyError(f"series is a {type(raw).__name__}, not a list")
     out, count = [], 0
     for item in raw:
         if isinstance(item, list):
@@ -65,19 +63,19 @@ def _series(raw: Any) -> list:
             out.append(_value(item))
             count += 1
         if count > MAX_SERIES_VALUES:
-            raise Malformed(f"more than {MAX_SERIES_VALUES} y-values")
+            raise ChartReplyError(f"more than {MAX_SERIES_VALUES} y-values")
     return out
 
 
 def _png(raw: Any) -> bytes:
     if not isinstance(raw, str) or len(raw) > (MAX_PNG_BYTES * 4) // 3 + 4:
-        raise Malformed(f"the PNG is larger than {MAX_PNG_BYTES >> 20} MB")
+        raise ChartReplyError(f"the PNG is larger than {MAX_PNG_BYTES >> 20} MB")
     try:
         data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        raise Malformed("the PNG is not base64") from None
+        raise ChartReplyError("the PNG is not base64") from None
     if not data.startswith(PNG_MAGIC):
-        raise Malformed("the PNG does not start with the PNG signature")
+        raise ChartReplyError("the PNG does not start with the PNG signature")
     return data
 
 
@@ -89,31 +87,55 @@ def parse_report(raw: bytes) -> dict:
     out: dict = {"ECR": False, "error": None, "series": None, "png": None, "render_error": None}
     try:
         if len(raw) > MAX_REPLY_BYTES:
-            raise Malformed(f"{len(raw)} bytes (at most {MAX_REPLY_BYTES})")
+            raise ChartReplyError(f"{len(raw)} bytes (at most {MAX_REPLY_BYTES})")
         try:
             obj = json.loads(raw)
         except ValueError as exc:
-            raise Malformed(f"not JSON ({exc})") from None
+            raise ChartReplyError(f"not JSON ({exc})") from None
         if not isinstance(obj, dict):
-            raise Malformed(f"a JSON {type(obj).__name__}, not an object")
+            raise ChartReplyError(f"a JSON {type(obj).__name__}, not an object")
         if not isinstance(obj.get("ECR"), bool):
-            raise Malformed("ECR is missing or not a boolean")
+            raise ChartReplyError("ECR is missing or not a boolean")
         for key in ("error", "render_error"):
             if obj.get(key) is not None and not isinstance(obj[key], str):
-                raise Malformed(f"{key} is not text")
+                raise ChartReplyError(f"{key} is not text")
         series = None if obj.get("series") is None else _series(obj["series"])
         png = None
         if obj.get("png") is not None:
             try:
                 png = _png(obj["png"])
-            except Malformed as exc:  # the chart still counts; only its picture is refused
+            except ChartReplyError as exc:  # the chart still counts; only its picture is refused
                 out["render_error"] = f"PNG refused: {exc}"
-    except Malformed as exc:
+    except ChartReplyError as exc:
         out["error"] = f"the program's reply was malformed: {exc}"
         return out
     out.update(ECR=obj["ECR"], error=cap_text(obj.get("error")), series=series, png=png)
     out["render_error"] = out["render_error"] or cap_text(obj.get("render_error"))
     return out
+
+
+def interpret(buf: bytes, result: dict, *, timeout: float | None, too_large: bool,
+              exit_text: Callable[[], str]) -> bytes | None:
+    """Fill ``result`` from everything the child wrote (``buf``); returns the validated PNG, if any.
+
+    Only bytes written before the sealing byte (``E``: a layer failed) can make an infra_error;
+    after ``S`` everything is the program's and goes through ``parse_report``."""
+    if timeout is not None:
+        result["error"] = f"timeout: the program ran longer than {timeout:g} s"
+    elif too_large:
+        result["error"] = f"the program's reply was malformed: more than {MAX_REPLY_BYTES} bytes"
+    elif buf[:1] == SETUP_FAILED:
+        result.update(infra_error=True, error=cap_text(buf[1:].decode(errors="replace")))
+    elif buf[:1] != SEALED:
+        result.update(infra_error=True, error="the sandbox child ended before sealing itself: " + exit_text())
+    elif len(buf) == 1:
+        result["error"] = exit_text()
+    else:
+        report = parse_report(buf[1:])
+        png = report.pop("png")
+        result.update({k: v for k, v in report.items() if v is not None})
+        return png
+    return None
 
 
 def _mpl_cache_dir(env: Mapping[str, str]) -> str:

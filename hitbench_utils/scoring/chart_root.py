@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["build_root", "enter_root", "remove_root", "RootError", "WORK"]
+from hitbench_utils.errors import SandboxLayerError
+
+__all__ = ["build_root", "enter_root", "remove_root", "WORK"]
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 32, 4096, 1 << 14
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -23,15 +25,11 @@ LINKS = ("/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 WORK = "/.hitbench-work"  # where the working folders are, as programs see it
 
 
-class RootError(OSError):
-    """The programs' filesystem view cannot be built or entered."""
-
-
 def _mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     if _libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
                    data.encode() if data else None) != 0:
         errno = ctypes.get_errno()
-        raise RootError(errno, f"mount {src} on {dst}: {os.strerror(errno)}")
+        raise SandboxLayerError(errno, f"mount {src} on {dst}: {os.strerror(errno)}")
 
 
 def _bind(src: str, root: str, read_only: bool) -> None:
@@ -84,7 +82,7 @@ def remove_root(root: str) -> None:
     recursive delete must never walk into the bound Python installation or system folders."""
     if os.path.ismount(root) and _libc.umount2(root.encode(), 2) != 0:  # MNT_DETACH
         errno = ctypes.get_errno()
-        raise RootError(errno, f"unmounting {root}: {os.strerror(errno)}")
+        raise SandboxLayerError(errno, f"unmounting {root}: {os.strerror(errno)}")
 
 
 def enter_root(root: str, workdir: str) -> None:

@@ -24,9 +24,7 @@ import ctypes
 import gc
 import json
 import os
-import re
 import selectors
-import shutil
 import signal
 import tempfile
 import time
@@ -34,40 +32,19 @@ from collections import deque
 
 
 
-def _temp_root() -> str:
-    """Where working folders go: the temp folder, unless its path could break a string literal in
-    the rewritten program (the xlsx path is pasted into quotes)."""
-    root = tempfile.gettempdir()
-    return root if re.fullmatch(r"[A-Za-z0-9._/-]+", root) else "/tmp"
-
-
-def _remove_stale_folders() -> None:
-    """Remove the working folders of servers that were killed before they could clean up."""
-    root = _temp_root()
-    for name in os.listdir(root):
-        parts = name.split("-")
-        if name.startswith("hitbench-charts-") and len(parts) == 4 and parts[2].isdigit():
-            path = os.path.join(root, name)
-            try:
-                if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{parts[2]}"):
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                continue
-
-
 class Server:
     def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto",
                  quota_mb: int = 64, namespace_error: str | None = None) -> None:
         from hitbench_utils.scoring import chart_child, chart_reply, sandbox
-        from hitbench_utils.scoring.confinement import Confinement
+        from hitbench_utils.scoring.confinement import Confinement, remove_stale_folders, temp_root
 
         self.child, self.reply_mod, self.sandbox = chart_child, chart_reply, sandbox
         self.max_children = max_children
         self.queue: deque = deque()
         self.running: dict[int, dict] = {}
         self.closing = False
-        _remove_stale_folders()
-        self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=_temp_root())
+        remove_stale_folders()
+        self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=temp_root())
         os.chmod(self.base, 0o711)  # sandbox uids may enter their own folder, not list others
         self.conf = conf = Confinement(self.base, max_children, memory_mb, uid_base, mode, quota_mb, namespace_error)
         self.ctx, self.uids, self.missing = conf.ctx, conf.uids, conf.missing
@@ -233,24 +210,11 @@ class Server:
                   "duration_s": round(time.monotonic() - job["started"], 3)}
         if self.missing:
             result["unsealed"] = list(self.missing)
-        buf, rm = bytes(job["buf"]), self.reply_mod
-        if job["timed_out"]:
-            result["error"] = f"timeout: the program ran longer than {job['timeout']:g} s"
-        elif job.get("too_large"):
-            result["error"] = f"the program's reply was malformed: more than {rm.MAX_REPLY_BYTES} bytes"
-        elif buf[:1] == rm.SETUP_FAILED:  # written before the program ran: ours, not the program's
-            result.update(infra_error=True, error=rm.cap_text(buf[1:].decode(errors="replace")))
-        elif buf[:1] != rm.SEALED:
-            result.update(infra_error=True, error="the sandbox child ended before sealing itself: "
-                          + self.child.describe_exit(job["status"]))
-        elif len(buf) == 1:
-            result["error"] = self.child.describe_exit(job["status"])
-        else:
-            report = rm.parse_report(buf[1:])
-            png = report.pop("png")
-            result.update({k: v for k, v in report.items() if v is not None})
-            if job["artifacts_dir"] and png:
-                result["artifacts"] = self.child.write_png(job, png)
+        png = self.reply_mod.interpret(bytes(job["buf"]), result, timeout=job["timeout"] if job["timed_out"] else None,
+                                       too_large=bool(job.get("too_large")),
+                                       exit_text=lambda: self.child.describe_exit(job["status"]))
+        if job["artifacts_dir"] and png:
+            result["artifacts"] = self.child.write_png(job, png)
         self.cleanup(job)
         self.reply(result)
 

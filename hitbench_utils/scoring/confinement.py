@@ -16,7 +16,28 @@ import tempfile
 
 from hitbench_utils.scoring import chart_child, chart_root, landlock, quota, sandbox
 
-__all__ = ["Confinement"]
+__all__ = ["Confinement", "temp_root", "remove_stale_folders"]
+
+
+def temp_root() -> str:
+    """Where working folders go: the temp folder, unless its path could break a string literal in
+    the rewritten program (the xlsx path is pasted into quotes)."""
+    root = tempfile.gettempdir()
+    return root if re.fullmatch(r"[A-Za-z0-9._/-]+", root) else "/tmp"
+
+
+def remove_stale_folders() -> None:
+    """Remove the working folders of servers that were killed before they could clean up."""
+    root = temp_root()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if name.startswith("hitbench-charts-") and len(parts) == 4 and parts[2].isdigit():
+            path = os.path.join(root, name)
+            try:
+                if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{parts[2]}"):
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                continue
 
 
 class Confinement:

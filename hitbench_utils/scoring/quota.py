@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["enter_private_mounts", "mount_quota", "unmount", "DEFAULT_QUOTA_BYTES", "QuotaError"]
+from hitbench_utils.errors import SandboxLayerError
+
+__all__ = ["enter_private_mounts", "mount_quota", "unmount", "DEFAULT_QUOTA_BYTES"]
 
 DEFAULT_QUOTA_BYTES = 64 << 20
 MAX_INODES = 4096
@@ -22,13 +24,9 @@ _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class QuotaError(OSError):
-    """The private mount namespace or a quota mount cannot be set up."""
-
-
-def _fail(what: str) -> QuotaError:
+def _fail(what: str) -> SandboxLayerError:
     errno = ctypes.get_errno()
-    return QuotaError(errno, f"{what}: {os.strerror(errno)}")
+    return SandboxLayerError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def _write(path: str, text: str) -> None:
