@@ -37,9 +37,11 @@ def hostile(logic: str) -> str:
     return HEAD + f"exec({textwrap.dedent(logic).strip()!r})\nplt.show()\n"
 
 
-@pytest.fixture(scope="module")
-def runner():
-    with ChartRunner(max_children=2) as r:
+@pytest.fixture(scope="module", params=["auto", "uid"] if os.geteuid() == 0 else ["auto"])
+def runner(request: pytest.FixtureRequest):
+    """The server as it chooses (as root here: uid 0 without capabilities when a sandbox uid cannot
+    read the Python installation) and, as root, forced to drop to a dedicated sandbox uid."""
+    with ChartRunner(max_children=2, sandbox=request.param) as r:
         info = r.info()["sandbox"]
         if not info["sealed"]:
             pytest.skip(f"this machine cannot seal the chart sandbox: {info['missing_layers']}")
@@ -304,3 +306,25 @@ def test_broken_layer_fails_closed(layer: str, planted: dict, tmp_path: Path) ->
     assert "chart_allow_unsealed" in out["score_error"] and "cannot be sealed" in out["score_error"]
     assert not (outside / "ran").exists()  # the program never ran
     assert unsealed["ECR"] is True and unsealed["unsealed"], unsealed  # opt-in: runs, and says what is missing
+
+
+def test_read_roots_hold_no_project_data_or_temp(planted: dict) -> None:
+    from hitbench_utils.scoring.landlock import exposed_by, read_roots
+
+    roots = read_roots()
+    assert any(r.endswith(("site-packages", "dist-packages")) for r in roots)
+    for path in (str(REPO), "/tmp", os.path.expanduser("~"), str(planted["data"]), str(planted["run"]), "/proc"):
+        assert exposed_by(path, roots) is None, (path, exposed_by(path, roots))
+    assert exposed_by("/usr/lib/x/QA_final.json", ["/usr/lib"]) == "/usr/lib"  # the server refuses such a dataset
+
+
+def test_server_leaves_nothing_behind(planted: dict) -> None:
+    from hitbench_utils.scoring.confinement import temp_root
+
+    with ChartRunner(max_children=1) as r:
+        pid = r.info()["sandbox"]["pid"]
+        res = score_chart(program("open('junk.bin', 'wb').write(b'0' * 1000)\nplt.bar([0], [1])"), "BarChart", "[1]",
+                          planted["xlsx"], runner=r)
+        assert res["ECR"] is True, res
+    assert not [n for n in os.listdir(temp_root()) if n.startswith(f"hitbench-charts-{pid}-")]
+    assert os.path.isfile(os.__file__) and os.path.isdir(os.path.dirname(pd.__file__))  # binds were detached first
