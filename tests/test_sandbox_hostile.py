@@ -78,8 +78,10 @@ def test_answer_key_cannot_be_found_or_read(runner: ChartRunner, planted: dict) 
     for k in keys + ['/proc/1/environ', '/proc/%d/cmdline' % os.getppid(), '/proc/self/environ', '/etc/passwd']:
     \ttry: hits.append(open(k, 'rb').read(64))
     \texcept OSError: pass
-    for top in ['/', '/tmp', '/root', '/home', '/proc', {str(planted['data'])!r}, {str(planted['run'])!r}, {str(REPO)!r}]:
-    \tfor d, dirs, files in os.walk(top): hits += [os.path.join(d, f) for f in files if f in ('QA_final.json', 'samples.jsonl')]
+    tops = ['/', '/tmp', '/root', '/home', '/proc', {str(planted['data'])!r}, {str(planted['run'])!r}, {str(REPO)!r}]
+    names = ('QA_final.json', 'samples.jsonl')
+    for top in tops:
+    \tfor d, dirs, files in os.walk(top): hits += [os.path.join(d, f) for f in files if f in names]
     answer = None
     for h in hits:
     \ttry: answer = json.load(open(h))['queries'][0]['ProcessedAnswer']

@@ -107,7 +107,8 @@ class Server:
         job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": str(req.get("code", "")),
                "chart_type": str(req.get("chart_type", "")), "compat": bool(req.get("compat")),
                "render": bool(req.get("artifacts_dir")), "artifacts_dir": req.get("artifacts_dir"),
-               "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None, "xlsx": str(req.get("xlsx", "")),
+               "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None,
+               "xlsx": str(req.get("xlsx", "")),
                "allow_unsealed": bool(req.get("allow_unsealed")), "dedicated": False, "buf": bytearray(),
                "eof": False, "status": None, "timed_out": False}
         refused = self.conf.refusal(job)

@@ -111,7 +111,8 @@ class Confinement:
         return {"mode": self.mode, "root": self.root, "self_test_error": self.test_error,
                 "dedicated_uids": self.mode == "uid" and bool(self.uids.free), "sealed": not self.missing,
                 "missing_layers": list(self.missing), "landlock_abi": self.ctx["landlock"],
-                "seccomp": self.ctx["seccomp"], "quota_mb": self.ctx["quota_bytes"] >> 20 if self.ctx["quota"] else None,
+                "seccomp": self.ctx["seccomp"], "own_root": bool(self.ctx["chroot"]),
+                "quota_mb": self.ctx["quota_bytes"] >> 20 if self.ctx["quota"] else None,
                 "read_roots": self.ctx["read_roots"], "memory_mb": self.ctx["memory_bytes"] >> 20, "pid": os.getpid()}
 
     def refusal(self, job: dict) -> str | None:

@@ -26,7 +26,8 @@ import resource
 import signal
 import time
 
-__all__ = ["apply_limits", "drop_privileges", "drop_capabilities", "install_seccomp", "seccomp_supported", "cap_last_cap", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
+__all__ = ["apply_limits", "drop_privileges", "drop_capabilities", "install_seccomp", "seccomp_supported",
+           "cap_last_cap", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
