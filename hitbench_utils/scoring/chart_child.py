@@ -99,8 +99,9 @@ def write_png(job: dict, png: bytes) -> dict:
 
 
 def seal(job: dict, ctx: dict) -> None:
-    """Every confinement layer, in an order where each still has what it needs (capabilities are
-    dropped while /proc is readable; Landlock before seccomp, which forbids what it would need)."""
+    """Every confinement layer, in an order where each still has what it needs: the programs' own
+    root first (chroot needs CAP_SYS_CHROOT), then the allowlist environment, rlimits, the identity
+    (a sandbox uid, or no capabilities), Landlock, and seccomp last (it forbids what they use)."""
     workdir = job["child_workdir"]
     if ctx["chroot"]:
         chart_root.enter_root(ctx["chroot"], workdir)
