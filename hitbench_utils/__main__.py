@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("run_dir")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--chart-compat", action="store_true", help="emulate the original harness's exec scoping")
+    r.add_argument("--chart-allow-unsealed", action="store_true",
+                   help="run chart programs even where a sandbox layer is missing on this machine (weaker)")
     r.add_argument("--judge-base-url", default=None)
     r.add_argument("--judge-model", default=None)
     r.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
@@ -86,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
             judge = Judge(a.judge_base_url, a.judge_model, api_key_env=a.judge_api_key_env,
                           cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"))
+            if a.dry_run:  # read the cache, never append to it
+                judge._load_cache()
+                judge.cache_path = None
         print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
-                                         write=not a.dry_run)))
+                                         write=not a.dry_run, chart_allow_unsealed=a.chart_allow_unsealed)))
         return 0
     if a.cmd == "render":
         from .render_all import render_dataset

@@ -56,8 +56,9 @@ class RunConfig:
     prepare_workers: int | None = None    # forked CPU workers preparing prompts ahead of the GPU (None: auto)
     max_error_share: float = 0.05         # the notebook fails when permanent errors exceed this share
     score: bool = True
-    chart_compat: bool = False            # score charts with the original harness's exec scoping
     chart_timeout: float = 20.0
+    chart_compat: bool = False            # score charts with the original harness's exec scoping (for comparison)
+    chart_allow_unsealed: bool = False    # run chart programs even where a sandbox layer is missing (weaker)
     judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"

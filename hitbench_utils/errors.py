@@ -69,6 +69,16 @@ class RunFailed(HitbenchError):
     """The run ended, but not well enough for a script to go on (the notebook's last cell raises it)."""
 
 
+# ---- the chart sandbox ----------------------------------------------------------------------
+class SandboxLayerError(HitbenchError, OSError):
+    """A confinement layer of the chart sandbox (mount namespace, quota tmpfs, the programs' own
+    root) cannot be set up here. The server lists it and charts fail closed as infra_error."""
+
+
+class ChartReplyError(HitbenchError, ValueError):
+    """A chart program's reply breaks the fixed schema or a size cap (then: ECR False, 'malformed')."""
+
+
 # ---- sample-level errors: become error records -------------------------------------------------
 class SampleError(HitbenchError):
     """One sample failed; ``status`` is the record's typed status. ``permanent`` errors are

@@ -139,7 +139,7 @@ class Job:
     def _generate(self, runlog: RunLog, preparer: Preparer, groups: Iterator) -> None:
         cfg = self.config
         engine = self.engine = make_engine(self.backend, cfg)    # kept: its stats stay readable
-        self.scorer = Scorer(cfg, self.data_path, self.folder) if cfg.score else None
+        self.scorer = Scorer(cfg, self.data_path, self.folder, self.secrets) if cfg.score else None
         progress = Progress(self.total or 0, f"{cfg.modality}_{cfg.fmt or 'png'}", engine, bar=self.progress)
         try:
             generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress))

@@ -9,8 +9,8 @@ from .runfolder import RunFolder
 
 
 class Scorer:
-    def __init__(self, cfg: Any, data_path: Any, folder: RunFolder) -> None:
-        self.cfg, self.data_path, self.folder = cfg, data_path, folder
+    def __init__(self, cfg: Any, data_path: Any, folder: RunFolder, secrets: list[str] | None = None) -> None:
+        self.cfg, self.data_path, self.folder, self.secrets = cfg, data_path, folder, secrets or []
         self._judge: Any = None
 
     def judge(self) -> Any:
@@ -29,7 +29,8 @@ class Scorer:
 
         return score_record(rec, xlsx_path=str(D.xlsx_path(self.data_path, rec["file_name"])),
                             artifacts_dir=str(self.folder.charts), chart_timeout=self.cfg.chart_timeout,
-                            judge=self.judge(), chart_compat=self.cfg.chart_compat)
+                            judge=self.judge(), chart_compat=self.cfg.chart_compat,
+                            chart_allow_unsealed=self.cfg.chart_allow_unsealed, secrets=self.secrets)
 
     def __call__(self, rec: SampleRecord) -> None:
         try:

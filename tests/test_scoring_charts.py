@@ -158,7 +158,8 @@ def _hostile_cases(marker: str) -> list[tuple[str, str, str]]:
         ("deletes its working folder",
          "import os, shutil\nos.remove('table.xlsx')\nshutil.rmtree(os.getcwd(), ignore_errors=True)\n"
          "plt.bar([1], [1])", "ECR"),
-        *[(f"writes {p}", f"open({p!r}, 'w').write('pwned')", "PermissionError") for p in escape],
+        # Outside its folder nothing exists for the program (its own root), or may be written (Landlock).
+        *[(f"writes {p}", f"open({p!r}, 'w').write('pwned')", "FileNotFoundError|PermissionError") for p in escape],
         ("spins forever", "while True: pass", "timeout"),
         ("allocates 50 GB", "x = bytearray(50 * 2**30)", "MemoryError"),
         ("fork bomb", "import os\nwhile True: os.fork()", "BlockingIOError"),
@@ -180,11 +181,11 @@ def test_hostile_programs_are_contained(xlsx: str) -> None:
         if expect == "ECR":
             assert res["ECR"] is True, (name, res)
         else:
-            assert res["ECR"] is False and expect in (res["error"] or ""), (name, res)
+            assert res["ECR"] is False and any(e in (res["error"] or "") for e in expect.split("|")), (name, res)
         assert not res["infra_error"], (name, res)
         assert took < 10, (name, took)
     assert not (REPO / f"hb_escape_{marker}").exists()
-    assert not Path(f"/root/xyz_{marker}").exists()
+    assert not os.path.exists(f"/root/xyz_{marker}")  # (os.path: an ordinary user may not stat /root)
     if info["landlock_abi"]:
         assert not Path(f"/tmp/xyz_{marker}").exists()  # world-writable: only Landlock stops this one
     assert Path(xlsx).read_bytes() == before  # the program only ever saw a copy

@@ -1,9 +1,11 @@
 """What runs in the forked child of the chart server: contain, run one program, report, exit.
-(Also the server's helpers that deal in children's results: the start-up self-test, artifacts.)
+(Also the server's helpers that deal in children: the start-up self-test, the PNG artifact.)
 
-The child reports one JSON object over a pipe: ``ECR``, ``error``, ``series`` and, when asked, the
-rendered ``png`` (base64). A failure to *contain* the program (rlimits, uid drop, Landlock) is
-reported with ``infra_error`` so it is never mistaken for the model's failure.
+The child seals itself (rlimits, identity, Landlock, seccomp, an allowlist environment), writes one
+byte (``S``, or ``E`` and the reason when a layer cannot be set up: the server then reports an
+``infra_error``), and only then runs the program. The program's report that follows — ``ECR``,
+``error``, ``series`` and, when asked, the rendered ``png`` (base64) — is untrusted: the server
+keeps only what ``chart_reply.parse_report`` accepts.
 """
 from __future__ import annotations
 
@@ -13,15 +15,13 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
 import traceback
 
-from hitbench_utils.scoring import chart_code, sandbox
+from hitbench_utils.scoring import chart_code, chart_reply, chart_root, landlock, sandbox
 
-MAX_SERIES_VALUES = 1_000_000
 PROGRAM_NAME = "<chart program>"
 _PR_SET_PDEATHSIG = 1
 
@@ -65,13 +65,9 @@ def describe_exit(status: int) -> str:
     return f"the program's process exited with code {os.WEXITSTATUS(status)} before reporting"
 
 
-def self_test(base: str, uid: int | None, ctx: dict) -> str | None:
-    """Contain a trivial program once, synchronously (the server's start-up check); the error, or None."""
-    workdir = tempfile.mkdtemp(dir=base)
-    job = {"code": "x = 1\n", "chart_type": "BarChart", "timeout": 10, "uid": uid, "dedicated": False,
-           "workdir": workdir, "xlsx_copy": os.path.join(workdir, "table.xlsx")}
-    if uid is not None:
-        os.chown(workdir, uid, uid)
+def self_test(job: dict, ctx: dict) -> str | None:
+    """Contain a trivial program once, synchronously, in a prepared working folder (the server's
+    start-up check that every layer can be set up here); the error, or None."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -80,41 +76,61 @@ def self_test(base: str, uid: int | None, ctx: dict) -> str | None:
     os.close(w)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
-    os.waitpid(pid, 0)
-    shutil.rmtree(workdir, ignore_errors=True)
-    try:
-        report = json.loads(data)
-    except ValueError:
-        return "the sandbox self-test child died without a report"
-    return report.get("error") if report.get("infra_error") or not report.get("ECR") else None
+    _, status = os.waitpid(pid, 0)
+    if data[:1] == chart_reply.SETUP_FAILED:
+        return data[1:].decode(errors="replace")
+    if data[:1] != chart_reply.SEALED:
+        return f"the sandbox self-test child ended without sealing itself ({describe_exit(status)})"
+    report = chart_reply.parse_report(data[1:])
+    return None if report["ECR"] and report["series"] == [] else f"the self-test program failed: {report['error']}"
 
 
-def write_artifacts(job: dict, result: dict, png: str | None) -> dict:
-    """Save the chart's PNG and a JSON of its series/ECR/error as ``<artifacts_dir>/<name>.*``."""
-    folder = job["artifacts_dir"]
+def write_png(job: dict, png: bytes) -> dict:
+    """Save the chart's (validated) PNG as ``<artifacts_dir>/<name>.png``."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(job["name"]))[:120]
-    written = {}
+    path = os.path.join(job["artifacts_dir"], stem + ".png")
     try:
-        os.makedirs(folder, exist_ok=True)
-        if png:
-            written["png"] = os.path.join(folder, stem + ".png")
-            with open(written["png"], "wb") as fh:
-                fh.write(base64.b64decode(png))
-        written["json"] = os.path.join(folder, stem + ".json")
-        meta = {k: result.get(k) for k in ("ECR", "error", "series", "duration_s")}
-        meta.update(chart_type=job["chart_type"], compat=job["compat"])
-        with open(written["json"], "w") as fh:
-            json.dump(meta, fh, allow_nan=True)
+        os.makedirs(job["artifacts_dir"], exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(png)
     except OSError as exc:
-        written["error"] = str(exc)
-    return written
+        return {"error": str(exc)}
+    return {"png": path}
+
+
+def seal(job: dict, ctx: dict) -> None:
+    """Every confinement layer, in an order where each still has what it needs: the programs' own
+    root first (chroot needs CAP_SYS_CHROOT), then the allowlist environment, rlimits, the identity
+    (a sandbox uid, or no capabilities), Landlock, and seccomp last (it forbids what they use)."""
+    workdir = job["child_workdir"]
+    if ctx["chroot"]:
+        chart_root.enter_root(ctx["chroot"], workdir)
+    else:
+        os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(chart_reply.child_environment(workdir, ctx["env"]))
+    tempfile.tempdir = workdir
+    sandbox.apply_limits(cpu_s=int(job["timeout"]) + 1, memory_bytes=ctx["vm_bytes"] + ctx["memory_bytes"],
+                         fsize_bytes=ctx["quota_bytes"])
+    if ctx["mode"] == "uid":
+        sandbox.drop_privileges(job["uid"], job["uid"])
+    elif ctx["mode"] == "nocaps" or ctx["userns"]:
+        sandbox.drop_capabilities(ctx["last_cap"])
+    elif os.geteuid() == 0:
+        raise PermissionError("refusing to run a chart program as root without a sandbox")
+    if ctx["landlock"]:
+        landlock.restrict_filesystem(workdir, ctx["landlock"], ctx["read_roots"])
+    # After the uid change (which clears it): die with the server, never outlive it.
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != ctx["server_pid"]:
+        os._exit(1)
+    if ctx["seccomp"] and not sandbox.install_seccomp():
+        raise PermissionError(f"no seccomp filter for {os.uname().machine}")
 
 
 def run_child(job: dict, wfd: int, ctx: dict) -> None:
     """Entry point right after fork. Never returns."""
-    report: dict = {"ECR": False, "error": None, "series": None}
     try:
-        server_pid = os.getppid()
         os.setsid()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
@@ -124,44 +140,20 @@ def run_child(job: dict, wfd: int, ctx: dict) -> None:
             os.dup2(null, fd)
         os.closerange(3, wfd)
         os.closerange(wfd + 1, 1 << 16)
-        workdir = job["workdir"]
-        os.chdir(workdir)
-        os.environ.update(HOME=workdir, TMPDIR=workdir, MPLBACKEND="Agg")
-        tempfile.tempdir = workdir
-        sandbox.apply_limits(cpu_s=int(job["timeout"]) + 1,
-                             memory_bytes=ctx["vm_bytes"] + ctx["memory_bytes"])
-        if ctx["landlock"]:
-            sandbox.restrict_filesystem(workdir, ctx["landlock"])
-        if ctx["mode"] == "uid":
-            os.environ["USER"] = os.environ["LOGNAME"] = "hitbench-sandbox"
-            sandbox.drop_privileges(job["uid"], job["uid"])
-        elif ctx["mode"] == "nocaps":
-            sandbox.drop_capabilities()
-        elif os.geteuid() == 0:
-            raise PermissionError("refusing to run a chart program as root without a sandbox")
-        # After the uid change (which clears it): die with the server, never outlive it.
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != server_pid:
-            os._exit(1)
-        if not sandbox.install_seccomp() and ctx["mode"] == "nocaps":
-            raise PermissionError(f"no seccomp filter for {os.uname().machine}: cannot contain uid 0")
+        seal(job, ctx)
     except BaseException as exc:
-        report.update(error=f"sandbox setup failed: {type(exc).__name__}: {exc}", infra_error=True)
-        send(wfd, report)
+        _write_all(wfd, chart_reply.SETUP_FAILED + f"sandbox setup failed: {type(exc).__name__}: {exc}".encode())
         os._exit(0)
+    _write_all(wfd, chart_reply.SEALED)  # from here on, everything on wfd may come from the program
     me = os.getpid()
+    report: dict = {"ECR": False, "error": None, "series": None}
     try:
         report.update(execute(job))
     except BaseException as exc:
-        report.update(ECR=False, error=f"runner failed: {type(exc).__name__}: {exc}", infra_error=True)
+        report.update(ECR=False, error=f"runner failed: {type(exc).__name__}: {exc}")
     if os.getpid() != me:  # a copy the program forked: only the original process reports
         os._exit(0)
     send(wfd, report)
-    if job.get("dedicated"):  # a uid nobody else has: take escaped descendants down with us
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass
     os._exit(0)
 
 
@@ -203,8 +195,8 @@ def execute(job: dict) -> dict:
     try:
         series = chart_code.extract_series(plt.gca(), job["chart_type"])
         count = sum(len(s) if isinstance(s, list) else 1 for s in series)
-        if count > MAX_SERIES_VALUES:
-            out["error"] = f"the chart has {count} y-values, more than {MAX_SERIES_VALUES}"
+        if count > chart_reply.MAX_SERIES_VALUES:
+            out["error"] = f"the chart has {count} y-values, more than {chart_reply.MAX_SERIES_VALUES}"
         else:
             out["series"] = series
     except BaseException as exc:
@@ -222,9 +214,7 @@ def execute(job: dict) -> dict:
     return out
 
 
-def send(fd: int, obj: dict, newline: bool = False) -> None:
-    """Write one JSON document (NaN allowed) to ``fd``, retrying short writes."""
-    data = json.dumps(obj, allow_nan=True, default=str).encode() + (b"\n" if newline else b"")
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -237,3 +227,8 @@ def send(fd: int, obj: dict, newline: bool = False) -> None:
             select.select([], [fd], [], 1.0)
         except OSError:
             return
+
+
+def send(fd: int, obj: dict, newline: bool = False) -> None:
+    """Write one JSON document (NaN allowed) to ``fd``, retrying short writes."""
+    _write_all(fd, json.dumps(obj, allow_nan=True, default=str).encode() + (b"\n" if newline else b""))

@@ -6,10 +6,16 @@ pays it once and forks a fresh child per program (a few milliseconds). The serve
 safe. Protocol: one JSON request per line on stdin, one JSON reply per line on stdout, matched by
 ``id``; ``{"type": "ready", ...}`` once warmed up; EOF on stdin (or SIGTERM) shuts it down.
 
-Per program the server makes a fresh working folder holding a copy of the xlsx (the sandbox uid may
-not be able to read the original, and must not be able to change it), forks the child
-(``chart_child``), enforces the wall timeout by killing the child's process group and — for a
-dedicated uid — every process of that uid, writes the PNG/series artifacts, and removes the folder.
+Per program the server makes a fresh working folder — a size-limited tmpfs (``quota``) in the
+server's private mount namespace — holding a copy of the xlsx (the sandbox uid may not be able to
+read the original, and must not be able to change it), forks the child (``chart_child``), enforces
+the wall timeout by killing the child's process group and — for a dedicated uid — every process of
+that uid, validates the child's report (``chart_reply``), writes the PNG, and removes the folder.
+
+It fails closed: a confinement layer that cannot be set up here (no Landlock, no seccomp filter for
+this CPU, no private mount namespace for the quota, a failed self-test) is listed in ``missing``, and
+every request is then answered with an ``infra_error`` naming it, unless the request says
+``allow_unsealed`` (the ``chart_allow_unsealed`` parameter): then it runs with the layers there are.
 """
 from __future__ import annotations
 
@@ -18,63 +24,30 @@ import ctypes
 import gc
 import json
 import os
-import re
 import selectors
-import shutil
 import signal
 import tempfile
 import time
 from collections import deque
 
-MAX_RESULT_BYTES = 256 << 20
-
-
-def _temp_root() -> str:
-    """Where working folders go: the temp folder, unless its path could break a string literal in
-    the rewritten program (the xlsx path is pasted into quotes)."""
-    root = tempfile.gettempdir()
-    return root if re.fullmatch(r"[A-Za-z0-9._/-]+", root) else "/tmp"
-
-
-def _remove_stale_folders() -> None:
-    """Remove the working folders of servers that were killed before they could clean up."""
-    root = _temp_root()
-    for name in os.listdir(root):
-        parts = name.split("-")
-        if name.startswith("hitbench-charts-") and len(parts) == 4 and parts[2].isdigit():
-            path = os.path.join(root, name)
-            try:
-                if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{parts[2]}"):
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                continue
 
 
 class Server:
-    def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto") -> None:
-        from hitbench_utils.scoring import chart_child, sandbox
+    def __init__(self, max_children: int, memory_mb: int, uid_base: int, mode: str = "auto",
+                 quota_mb: int = 64, namespace_error: str | None = None) -> None:
+        from hitbench_utils.scoring import chart_child, chart_reply, sandbox
+        from hitbench_utils.scoring.confinement import Confinement, remove_stale_folders, temp_root
 
-        self.child, self.sandbox = chart_child, sandbox
+        self.child, self.reply_mod, self.sandbox = chart_child, chart_reply, sandbox
         self.max_children = max_children
         self.queue: deque = deque()
         self.running: dict[int, dict] = {}
         self.closing = False
-        _remove_stale_folders()
-        self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=_temp_root())
+        remove_stale_folders()
+        self.base = tempfile.mkdtemp(prefix=f"hitbench-charts-{os.getpid()}-", dir=temp_root())
         os.chmod(self.base, 0o711)  # sandbox uids may enter their own folder, not list others
-        self.root = os.geteuid() == 0
-        self.uids = sandbox.UidPool(uid_base, max_children) if self.root else None
-        landlock = sandbox.landlock_abi()
-        if not self.root:
-            self.mode = "user"
-        elif mode == "auto":
-            self.mode = sandbox.choose_root_mode(self.uids.free[0] if self.uids.free else 65534, landlock)
-        else:
-            self.mode = mode
-        with open("/proc/self/status") as fh:
-            vm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
-        self.ctx = {"landlock": landlock, "mode": self.mode, "vm_bytes": vm_kb * 1024,
-                    "memory_bytes": memory_mb << 20}
+        self.conf = conf = Confinement(self.base, max_children, memory_mb, uid_base, mode, quota_mb, namespace_error)
+        self.ctx, self.uids, self.missing = conf.ctx, conf.uids, conf.missing
         self.out_fd = os.dup(1)  # replies go here; stray library prints go to /dev/null
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -92,31 +65,13 @@ class Server:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         ctypes.CDLL(None).prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to us
-        self.test_error = self.self_test()
-
-    def self_test(self) -> str | None:
-        """Contain a trivial program once; if Landlock cannot be applied here, go on without it
-        (and leave 'nocaps', which needs it). Returns the error that remains, or None."""
-        error = self._contain_once()
-        if error and self.ctx["landlock"]:
-            self.ctx["landlock"] = 0
-            if self.mode == "nocaps":
-                self.mode = self.ctx["mode"] = "uid"
-            error = self._contain_once()
-        return error
-
-    def _contain_once(self) -> str | None:
-        uid = (self.uids.free[0] if self.uids.free else 65534) if self.mode == "uid" else None
-        return self.child.self_test(self.base, uid, self.ctx)
+        conf.test_error = conf.self_test()
 
     def _on_term(self, *_: object) -> None:
         self.closing = True
 
     def info(self) -> dict:
-        return {"mode": self.mode, "root": self.root, "self_test_error": self.test_error,
-                "dedicated_uids": self.mode == "uid" and bool(self.uids.free),
-                "landlock_abi": self.ctx["landlock"], "max_children": self.max_children,
-                "memory_mb": self.ctx["memory_bytes"] >> 20, "pid": os.getpid()}
+        return {**self.conf.info(), "max_children": self.max_children}
 
     def reply(self, obj: dict) -> None:
         self.child.send(self.out_fd, obj, newline=True)
@@ -149,29 +104,27 @@ class Server:
                 self.queue.append(req)
 
     def start(self, req: dict) -> None:
-        job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": req.get("code", ""),
-               "chart_type": req.get("chart_type", ""), "compat": bool(req.get("compat")),
+        job = {"id": req.get("id"), "timeout": float(req.get("timeout", 20)), "code": str(req.get("code", "")),
+               "chart_type": str(req.get("chart_type", "")), "compat": bool(req.get("compat")),
                "render": bool(req.get("artifacts_dir")), "artifacts_dir": req.get("artifacts_dir"),
                "name": req.get("artifact_name") or f"chart-{req.get('id')}", "uid": None,
-               "dedicated": False, "buf": bytearray(), "eof": False, "status": None, "timed_out": False}
-        if self.mode == "uid":
+               "xlsx": str(req.get("xlsx", "")),
+               "allow_unsealed": bool(req.get("allow_unsealed")), "dedicated": False, "buf": bytearray(),
+               "eof": False, "status": None, "timed_out": False}
+        refused = self.conf.refusal(job)
+        if refused:
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "infra_error": True, "error": refused})
+            return
+        if self.conf.mode == "uid":
             uid = self.uids.take()
             job["uid"], job["dedicated"] = (uid, True) if uid is not None else (65534, False)
         try:
-            job["workdir"] = workdir = tempfile.mkdtemp(dir=self.base)
-            src = req["xlsx"]
-            name = os.path.basename(src)  # keep the table's name, unless it could break a string literal
-            name = name if re.fullmatch(r"[A-Za-z0-9._-]+\.xlsx", name) else "table.xlsx"
-            job["xlsx_copy"] = dst = os.path.join(workdir, name)
-            shutil.copyfile(src, dst)
-            if job["uid"] is not None:
-                os.chown(workdir, job["uid"], job["uid"])
-                os.chown(dst, job["uid"], job["uid"])
-            os.chmod(workdir, 0o700)
-        except (OSError, KeyError) as exc:
+            self.conf.prepare(job, job["xlsx"])
+        except OSError as exc:
             self.cleanup(job)
-            self.reply({"type": "result", "id": job["id"], "ECR": False, "missing_input": True,
-                        "error": f"cannot copy the xlsx into the sandbox: {exc}"})
+            missing = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+            self.reply({"type": "result", "id": job["id"], "ECR": False, "missing_input": missing,
+                        "infra_error": not missing, "error": f"cannot copy the xlsx into the sandbox: {exc}"})
             return
         r, w = os.pipe()
         job["started"] = time.monotonic()
@@ -211,9 +164,9 @@ class Server:
             if job.get("too_large"):
                 continue
             job["buf"] += data
-            if len(job["buf"]) > MAX_RESULT_BYTES:
+            if len(job["buf"]) > self.reply_mod.MAX_REPLY_BYTES + 1:
                 job["too_large"] = True
-                job["buf"] = bytearray(b'{"ECR": false, "error": "the program\'s result is too large"}')
+                job["buf"] = bytearray()
                 self.kill(job)
 
     def kill(self, job: dict, timed_out: bool = False) -> None:
@@ -256,24 +209,18 @@ class Server:
         del self.running[job["pid"]]
         result = {"type": "result", "id": job["id"], "ECR": False, "error": None, "series": None,
                   "duration_s": round(time.monotonic() - job["started"], 3)}
-        if job["timed_out"]:
-            result["error"] = f"timeout: the program ran longer than {job['timeout']:g} s"
-        else:
-            try:
-                result.update(json.loads(bytes(job["buf"])))
-            except ValueError:
-                result["error"] = self.child.describe_exit(job["status"])
-        png = result.pop("png", None)
-        if job["artifacts_dir"] and not result.get("infra_error"):
-            result["artifacts"] = self.child.write_artifacts(job, result, png)
+        if self.missing:
+            result["unsealed"] = list(self.missing)
+        png = self.reply_mod.interpret(bytes(job["buf"]), result, timeout=job["timeout"] if job["timed_out"] else None,
+                                       too_large=bool(job.get("too_large")),
+                                       exit_text=lambda: self.child.describe_exit(job["status"]))
+        if job["artifacts_dir"] and png:
+            result["artifacts"] = self.child.write_png(job, png)
         self.cleanup(job)
         self.reply(result)
 
     def cleanup(self, job: dict) -> None:
-        if job.get("workdir"):
-            shutil.rmtree(job["workdir"], ignore_errors=True)
-        if job["dedicated"]:
-            self.uids.give(job["uid"])
+        self.conf.cleanup(job)
 
     # ---- loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -312,24 +259,32 @@ class Server:
                     self.kill(job, timed_out=True)
                 if job["status"] is not None:
                     self.finish(job)
-        shutil.rmtree(self.base, ignore_errors=True)
+        self.conf.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-children", type=int, default=max(2, os.cpu_count() or 2))
     parser.add_argument("--memory-mb", type=int, default=4096, help="address space per program, on top of the server's")
+    parser.add_argument("--quota-mb", type=int, default=64, help="disk quota of each program's folder")
     parser.add_argument("--uid-base", type=int, default=52000, help="first uid tried for sandbox slots (when root)")
     parser.add_argument("--sandbox", choices=("auto", "uid", "nocaps"), default="auto",
                         help="as root: drop to a sandbox uid, or stay uid 0 without capabilities (auto: probe)")
     args = parser.parse_args(argv)
+    from hitbench_utils.scoring import quota
+
+    namespace_error = None
+    try:
+        quota.enter_private_mounts()  # first: it needs a single-threaded process
+    except OSError as exc:
+        namespace_error = f"no private mount namespace for the per-program tmpfs: {exc}"
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = "1"  # no thread pools: children run under RLIMIT_NPROC
     os.environ["MPLBACKEND"] = "Agg"
     from hitbench_utils.scoring.chart_child import warm_up
 
     versions = warm_up()
-    server = Server(args.max_children, args.memory_mb, args.uid_base, args.sandbox)
+    server = Server(args.max_children, args.memory_mb, args.uid_base, args.sandbox, args.quota_mb, namespace_error)
     gc.collect()
     gc.freeze()  # keep the warmed heap shared copy-on-write with every child
     server.reply({"type": "ready", "versions": versions, "sandbox": server.info()})

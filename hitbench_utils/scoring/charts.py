@@ -13,15 +13,18 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
 from hitbench_utils.scoring import chart_code
+from hitbench_utils.scoring.chart_reply import redact, server_environment
 
 __all__ = ["score_chart", "xlsx_problem", "library_versions", "sandbox_info", "ChartRunner", "get_runner",
            "shutdown_runner"]
@@ -65,9 +68,9 @@ class ChartRunner:
     """A handle on one fork server process; thread-safe, restarts the server when it dies."""
 
     def __init__(self, max_children: int | None = None, memory_mb: int = 4096, sandbox: str = "auto",
-                 python: str | None = None, start_timeout: float = 120.0) -> None:
+                 python: str | None = None, start_timeout: float = 120.0, quota_mb: int = 64) -> None:
         self.args = ["--max-children", str(max_children or max(2, os.cpu_count() or 2)),
-                     "--memory-mb", str(memory_mb), "--sandbox", sandbox]
+                     "--memory-mb", str(memory_mb), "--sandbox", sandbox, "--quota-mb", str(quota_mb)]
         self.python, self.start_timeout = python or sys.executable, start_timeout
         self._lock = threading.Lock()  # starting/stopping the server
         self._write_lock = threading.Lock()
@@ -79,8 +82,7 @@ class ChartRunner:
 
     # ---- server lifecycle -----------------------------------------------------------------
     def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env = server_environment(os.environ, _PACKAGE_ROOT)  # an allowlist: no secret reaches the sandbox
         self._stderr = tempfile.TemporaryFile()
         proc = subprocess.Popen([self.python, "-m", "hitbench_utils.scoring.chart_server", *self.args],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
@@ -227,15 +229,33 @@ def sandbox_info() -> dict:
     return get_runner().info()
 
 
+def write_series_artifact(folder: str, name: str, result: dict) -> str | None:
+    """Save the chart's series, ECR and error (already redacted) as ``<folder>/<name>.json``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(name))[:120]
+    path = os.path.join(folder, stem + ".json")
+    meta = {k: result.get(k) for k in ("ECR", "error", "series", "duration_s", "chart_type", "compat")}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(meta, fh, allow_nan=True)
+    except OSError:
+        return None
+    return path
+
+
 def score_chart(code: str, chart_type: str, reference: str, xlsx_path: str, timeout: float = 20,
                 artifacts_dir: str | None = None, compat: bool = False, *,
-                artifact_name: str | None = None, runner: ChartRunner | None = None) -> dict:
+                artifact_name: str | None = None, runner: ChartRunner | None = None,
+                allow_unsealed: bool = False, secrets: Sequence[str] = ()) -> dict:
     """Score one Visualization answer: ``ECR`` (ran without error), ``Pass`` (its y-data match the
     reference), ``error``, ``series``, ``missing_input`` (the table is absent or an LFS stub: not the
-    model's failure) and ``infra_error`` (our sandbox failed, not the model).
+    model's failure) and ``infra_error`` (our sandbox failed or cannot be sealed here, not the model).
 
     ``code`` may be the whole response; ``chart_type`` is 'LineChart' etc. or the whole SubQType.
     With ``artifacts_dir`` the chart PNG and its series JSON are saved there as ``artifact_name``.
+    ``allow_unsealed`` runs the program even when a confinement layer is missing on this machine
+    (``unsealed`` then lists them); by default such a chart is an ``infra_error``. Every text stored
+    or returned has each of ``secrets`` replaced by ``[redacted]``.
     """
     chart_type = chart_code.chart_type_of(chart_type)
     result: dict = {"ECR": False, "Pass": False, "error": None, "series": None, "missing_input": False,
@@ -253,14 +273,22 @@ def score_chart(code: str, chart_type: str, reference: str, xlsx_path: str, time
         artifact_name = f"chart-{digest}"
     request = {"code": program, "chart_type": chart_type, "xlsx": os.path.abspath(xlsx_path),
                "compat": compat, "artifacts_dir": os.path.abspath(artifacts_dir) if artifacts_dir else None,
-               "artifact_name": artifact_name}
+               "artifact_name": artifact_name, "allow_unsealed": bool(allow_unsealed)}
     reply = (runner or get_runner()).run(request, float(timeout))
-    for key in ("ECR", "error", "series", "missing_input", "infra_error", "duration_s", "artifacts"):
+    for key in ("ECR", "error", "series", "missing_input", "infra_error", "duration_s", "artifacts", "unsealed",
+                "render_error"):
         if key in reply:
             result[key] = reply[key]
     result["ECR"] = bool(result["ECR"])
+    result["error"], result["series"] = redact(result["error"], secrets), redact(result["series"], secrets)
+    if result.get("render_error"):
+        result["render_error"] = redact(result["render_error"], secrets)
     if result["ECR"] and result["series"] is not None:
         result["Pass"], why = chart_code.chart_pass(result["series"], reference, chart_type)
         if why:
             result["reference_error"] = why
+    if artifacts_dir and not result["infra_error"]:
+        written = write_series_artifact(os.path.abspath(artifacts_dir), artifact_name, result)
+        if written:
+            result["artifacts"] = dict(result.get("artifacts") or {}, json=written)
     return result

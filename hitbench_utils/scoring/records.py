@@ -7,6 +7,7 @@ run or a rescore. The dict it returns is meant to be merged into the record.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,13 @@ def _out(scores: dict, status: str, error: str | None = None, detail: dict | Non
 
 
 def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | None = None,
-                 judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False) -> dict:
+                 judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False,
+                 chart_allow_unsealed: bool = False, secrets: Sequence[str] = ()) -> dict:
     """Score one flat sample record; returns ``{"scores", "score_status", "score_error"}`` (plus
-    ``score_detail`` with the chart's error or the judge's reply when there is one)."""
+    ``score_detail`` with the chart's error or the judge's reply when there is one).
+
+    ``chart_allow_unsealed`` lets charts run when a sandbox layer is missing here (else they are
+    errors naming it); ``secrets`` are redacted from every chart text stored."""
     try:
         if record.get("status", "ok") != "ok":
             return _out({}, "not_run")
@@ -48,7 +53,7 @@ def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | No
         reference = "" if reference is None else reference
         if qtype == "Visualization":
             return _score_chart_record(record, prediction, reference, sub, xlsx_path, artifacts_dir,
-                                       chart_timeout, chart_compat)
+                                       chart_timeout, chart_compat, chart_allow_unsealed, secrets)
         if qtype == "Data Analysis" and sub in JUDGED_SUBTYPES:
             if judge is None:
                 return _out({}, "unscored")
@@ -70,14 +75,18 @@ def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | No
 
 
 def _score_chart_record(record: dict, prediction: str, reference: str, sub: str, xlsx_path: str | None,
-                        artifacts_dir: str | None, timeout: float, compat: bool) -> dict:
+                        artifacts_dir: str | None, timeout: float, compat: bool, allow_unsealed: bool = False,
+                        secrets: Sequence[str] = ()) -> dict:
     from hitbench_utils.scoring.charts import score_chart
 
     chart_type = chart_type_of(sub)
     name = f"{record.get('id', 'chart')}"
     res = score_chart(str(prediction), chart_type, reference, xlsx_path or "", timeout=timeout,
-                      artifacts_dir=artifacts_dir, compat=compat, artifact_name=name)
+                      artifacts_dir=artifacts_dir, compat=compat, artifact_name=name,
+                      allow_unsealed=allow_unsealed, secrets=secrets)
     detail = {"chart_type": chart_type, "chart_error": res.get("error"), "chart_compat": compat}
+    if res.get("unsealed"):
+        detail["chart_sandbox_missing"] = res["unsealed"]
     if res.get("reference_error"):
         detail["reference_error"] = res["reference_error"]
     if res.get("artifacts"):
@@ -106,7 +115,7 @@ def xlsx_path_for(data_path: str | os.PathLike, file_name: str | None) -> str | 
 
 def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifacts_dir: str | None = None,
                     judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False,
-                    workers: int = 2) -> list[dict]:
+                    workers: int = 2, chart_allow_unsealed: bool = False, secrets: Sequence[str] = ()) -> list[dict]:
     """Score every record again from its saved response (no inference); returns new records in the
     same order, each the old one with the score fields replaced. Charts and judge calls run in
     ``workers`` threads (the chart server runs the programs in parallel)."""
@@ -114,7 +123,7 @@ def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifa
     def one(record: dict) -> dict:
         fields = score_record(record, xlsx_path=xlsx_path_for(data_path, record.get("file_name")),
                               artifacts_dir=artifacts_dir, judge=judge, chart_timeout=chart_timeout,
-                              chart_compat=chart_compat)
+                              chart_compat=chart_compat, chart_allow_unsealed=chart_allow_unsealed, secrets=secrets)
         new = {k: v for k, v in record.items() if k not in ("scores", "score_status", "score_error", "score_detail")}
         new.update(fields)
         return new

@@ -1,19 +1,21 @@
 """Containment for one chart program, applied inside the forked child before the program runs.
 
-Layers, each cheap and each covering a hole the others leave:
+Layers, each cheap and each covering a hole the others leave (``landlock.py`` and ``quota.py`` hold
+the filesystem ones):
 - rlimits (CPU seconds, address space, open files, processes, file size, no core dumps);
 - a seccomp filter that refuses fork/vfork/clone/clone3, so no process or thread can be started
-  (root is exempt from RLIMIT_NPROC, whatever its capabilities), and sockets, io_uring, ptrace,
-  namespaces, mounts, keyrings, BPF and module loading;
+  (root is exempt from RLIMIT_NPROC, whatever its capabilities); sockets, io_uring, ptrace and
+  process_vm_*, namespaces, mounts, chroot, keyrings, BPF, module loading, execve; every signal
+  (kill/tkill/tgkill/sigqueue/pidfd); and every metadata change: chmod, chown, utime, setxattr and
+  removexattr in all their forms, and truncate(2) by path. Landlock cannot refuse chmod, chown,
+  utime or setxattr, and as uid 0 without capabilities (or as the user) the program owns files
+  outside its folder, so only this layer stops ``os.chmod('/some/file', 0o777)``;
 - when the server runs as root, a dedicated unprivileged uid/gid: root ignores RLIMIT_NPROC and can
   write anywhere, a throwaway uid cannot. Each concurrent slot gets its own uid that no passwd entry
   and no running process uses, so "kill every process of this uid" is a safe sweep for escapees
   (``setsid`` + fork) — it is never done with a shared uid or our own. When such a uid cannot read
   the Python installation (a pyenv under a mode-700 /root), the child instead stays uid 0 with every
-  capability dropped for good, and Landlock is required;
-- Landlock (Linux >= 5.13, no privileges needed), when the kernel has it: writes only inside the
-  working folder (and /dev/null), no execve, no TCP, and (ABI >= 6) no signals or abstract sockets
-  outside the sandbox. World-writable places such as /tmp are only protected by this layer.
+  capability dropped for good (as it does inside the user namespace of an unprivileged server).
 """
 from __future__ import annotations
 
@@ -24,34 +26,17 @@ import resource
 import signal
 import time
 
-__all__ = ["landlock_abi", "apply_limits", "restrict_filesystem", "drop_privileges", "drop_capabilities",
-           "install_seccomp", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
+__all__ = ["apply_limits", "drop_privileges", "drop_capabilities", "install_seccomp", "seccomp_supported",
+           "cap_last_cap", "uid_can_read", "choose_root_mode", "UidPool", "sweep_uid"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_CREATE, _SYS_ADD_RULE, _SYS_RESTRICT = 444, 445, 446  # x86-64 and aarch64 share these numbers
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _PR_SET_SECUREBITS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 28, 24, 47, 4
 PR_SET_CHILD_SUBREAPER = 36
 
-# Landlock filesystem rights (uapi/linux/landlock.h), by the ABI that introduced them.
-_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_FS_WRITE_ABI1 = sum(1 << i for i in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make_*
-_FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14
-_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
-_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
-    try:
-        abi = _libc.syscall(_SYS_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    except Exception:
-        return 0
-    return max(int(abi), 0)
-
 
 def apply_limits(cpu_s: int, memory_bytes: int, nofile: int = 128, nproc: int = 1,
-                 fsize_bytes: int = 256 << 20) -> None:
+                 fsize_bytes: int = 64 << 20) -> None:
     """Set hard and soft rlimits for this process and everything it starts.
 
     RLIMIT_NPROC counts every process (and thread) of the real uid; 1 means the program can start
@@ -67,49 +52,32 @@ def apply_limits(cpu_s: int, memory_bytes: int, nofile: int = 128, nproc: int = 
         resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
 
 
-def restrict_filesystem(workdir: str, abi: int) -> None:
-    """Landlock: writes only beneath ``workdir`` (and to /dev/null); no exec, no TCP, no signals out."""
-    handled_fs = _FS_EXECUTE | _FS_WRITE_ABI1
-    if abi >= 2:
-        handled_fs |= _FS_REFER
-    if abi >= 3:
-        handled_fs |= _FS_TRUNCATE
-    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
-    scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
-    attr = (ctypes.c_uint64 * 3)(handled_fs, handled_net, scoped)
-    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset = _libc.syscall(_SYS_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
-    try:
-        dir_rights = handled_fs & ~_FS_EXECUTE
-        file_rights = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
-        for path, rights in ((workdir, dir_rights), ("/dev/null", file_rights)):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = (ctypes.c_uint8 * 12)()  # packed {u64 allowed_access; s32 parent_fd}
-                ctypes.memmove(rule, ctypes.byref(ctypes.c_uint64(rights)), 8)
-                ctypes.memmove(ctypes.addressof(rule) + 8, ctypes.byref(ctypes.c_int32(fd)), 4)
-                if _libc.syscall(_SYS_ADD_RULE, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
-                    raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
-            finally:
-                os.close(fd)
-        if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS) failed")
-        if _libc.syscall(_SYS_RESTRICT, ruleset, ctypes.c_uint32(0)) < 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
-    finally:
-        os.close(ruleset)
-
-
 # seccomp: no process or thread creation (EAGAIN, like RLIMIT_NPROC; root is exempt from that
-# limit whatever its capabilities), and no sockets, io_uring, ptrace, namespaces, mounts, keyrings,
-# BPF or module loading (EPERM). Chart programs need none of these.
+# limit whatever its capabilities); everything else listed is refused with EPERM. Chart programs
+# need none of it. x86-64 numbers, then the generic ones aarch64 uses.
 _SECCOMP = {
-    "x86_64": (0xC000003E, (56, 57, 58, 435),
-               (41, 53, 425, 101, 272, 308, 165, 321, 250, 248, 249, 323, 298, 311, 246, 175, 313)),
-    "aarch64": (0xC00000B7, (220, 435), (198, 199, 425, 117, 97, 268, 40, 280, 219, 217, 218)),
+    "x86_64": (0xC000003E, (56, 57, 58, 435), (
+        41, 53, 425, 426, 427, 101, 310, 311,  # socket, socketpair, io_uring_*, ptrace, process_vm_*
+        272, 308, 165, 166, 155, 161, 304,  # unshare, setns, mount, umount2, pivot_root, chroot, open_by_handle_at
+        321, 250, 248, 249, 323, 298, 246, 320, 175, 313, 59, 322,  # bpf, keys, userfaultfd, perf, kexec, modules, exec
+        62, 200, 234, 129, 297, 424,  # kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_send_signal
+        90, 91, 268, 452, 92, 93, 94, 260,  # chmod, fchmod, fchmodat(2), chown, fchown, lchown, fchownat
+        132, 235, 280, 261,  # utime, utimes, utimensat, futimesat
+        188, 189, 190, 197, 198, 199, 463, 466,  # (l/f)setxattr, (l/f)removexattr, setxattrat, removexattrat
+        76)),  # truncate (by path; ftruncate needs a file opened for writing, which Landlock confines)
+    "aarch64": (0xC00000B7, (220, 435), (
+        198, 199, 425, 426, 427, 117, 270, 271, 97, 268, 40, 39, 41, 51, 265,
+        280, 219, 217, 218, 282, 241, 104, 294, 105, 273, 221, 281,
+        129, 130, 131, 138, 240, 424,
+        52, 53, 452, 54, 55, 88,
+        5, 6, 7, 14, 15, 16, 463, 466,
+        45)),
 }
+
+
+def seccomp_supported() -> bool:
+    """Whether this architecture has a filter here (otherwise the seccomp layer is missing)."""
+    return os.uname().machine in _SECCOMP
 
 
 def install_seccomp() -> bool:
@@ -155,7 +123,13 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise PermissionError("still root after dropping privileges")
 
 
-def drop_capabilities() -> None:
+def cap_last_cap() -> int:
+    """The highest capability number this kernel knows (read before the child loses /proc)."""
+    with open("/proc/sys/kernel/cap_last_cap") as fh:
+        return int(fh.read())
+
+
+def drop_capabilities(last: int | None = None) -> None:
     """Stay uid 0 but give up every capability for good (bounding set, securebits, capset).
 
     Used as root when a sandbox uid cannot read the Python installation (e.g. it lives under a
@@ -166,8 +140,7 @@ def drop_capabilities() -> None:
     # NOROOT|NOROOT_LOCKED|NO_SETUID_FIXUP|NO_SETUID_FIXUP_LOCKED|KEEP_CAPS_LOCKED: no way back via exec.
     if libc.prctl(_PR_SET_SECUREBITS, 0b101111, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(SET_SECUREBITS) failed")
-    with open("/proc/sys/kernel/cap_last_cap") as fh:
-        last = int(fh.read())
+    last = cap_last_cap() if last is None else last
     for cap in range(last + 1):
         if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), f"prctl(CAPBSET_DROP, {cap}) failed")
@@ -176,10 +149,10 @@ def drop_capabilities() -> None:
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2 words): all zero
     if libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
-    with open("/proc/self/status") as fh:
-        eff = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
-    if int(eff, 16) != 0:
-        raise PermissionError("capabilities still effective after dropping them")
+    if libc.capget(ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    if any(data):
+        raise PermissionError("capabilities still held after dropping them")
 
 
 def uid_can_read(uid: int, paths: list[str]) -> bool:
