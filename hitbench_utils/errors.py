@@ -36,16 +36,27 @@ class ModelLoadError(HitbenchError):
 
 
 class FingerprintMismatch(HitbenchError):
-    """Resuming a run folder whose header was written by a different configuration."""
+    """Resuming a run folder whose header was written by a different configuration. Only the settings
+    that differ are shown, each as ``key: old -> new`` (nested settings by their dotted path)."""
 
     def __init__(self, run_dir: str, diff: dict[str, tuple[object, object]]) -> None:
-        self.diff = diff
-        lines = [f"  {k}: run folder has {a!r}, this run has {b!r}" for k, (a, b) in sorted(diff.items())]
+        self.diff = {k: v for key, (a, b) in diff.items() for k, v in _leaf_diff(key, a, b).items()}
+        lines = [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in sorted(self.diff.items())]
         super().__init__(
-            f"{run_dir} holds a run with a different configuration:\n" + "\n".join(lines)
+            f"{run_dir} holds a run with a different configuration (run folder -> this run):\n" + "\n".join(lines)
             + "\nFix: use another run_dir, restore the original parameters, "
             "or pass resume=False, overwrite=True to start the folder afresh."
         )
+
+
+def _leaf_diff(key: str, a: object, b: object) -> dict[str, tuple[object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[object, object]] = {}
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                out.update(_leaf_diff(f"{key}.{k}", a.get(k), b.get(k)))
+        return out
+    return {key: (a, b)}
 
 
 class RunExistsError(HitbenchError):

@@ -47,7 +47,7 @@ def test_mix_shrinks_text_first_then_the_image(tmp_path, tiny_backend, sample_da
     Job(cfg, backend=tiny_backend, progress=False).execute()
     for r in view(read_log(tmp_path / "run").records).values():
         assert r["status"] == "ok" and r["input_tokens_sent"] <= 1100 and r["truncated"]
-        assert any("to fit max_input_tokens=1100" in d for d in r["degraded"])
+        assert any(d["kind"] == "image_halved" and d["detail"] == "to fit max_input_tokens=1100" for d in r["degraded"])
 
 
 def test_render_command_skips_done_and_writes_a_manifest(tmp_path, sample_data, capsys):

@@ -23,7 +23,7 @@ def test_no_parameters_run_is_complete_and_rerun_appends_nothing(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     pm.execute_notebook(str(NB), "runs/out.ipynb", progress_bar=False)
-    run_dir = tmp_path / "runs" / "tiny_text_html"
+    run_dir = tmp_path / "runs" / "tiny_text_html_sample"
     s = summarize(run_dir)
     assert s["verdict"] == "complete" and s["ok"] == s["total"] >= 30, s
     before = (run_dir / "samples.jsonl").read_bytes()
@@ -49,4 +49,31 @@ def test_failed_cell_still_writes_the_output_notebook(tmp_path):
         pm.execute_notebook(str(NB), str(tmp_path / "bad.ipynb"), progress_bar=False,
                             parameters=dict(format="xlsx", run_dir=str(tmp_path / "r")))
     text = (tmp_path / "bad.ipynb").read_text()
-    assert "ConfigError" in text and "html, latex, csv, markdown, json" in text
+    assert "RunFailed" in text and "format='xlsx' is not allowed" in text and "html, latex, csv, markdown, json" in text
+
+
+def test_every_config_field_is_a_parameter_and_papermill_parses_every_line(caplog):
+    """Parameters are written once, in the parameters cell: RunConfig.from_params reads them all."""
+    import logging
+    from dataclasses import fields
+
+    from papermill.inspection import display_notebook_help  # noqa: F401 - the same parser papermill uses
+    from papermill.translators import PythonTranslator
+
+    from hitbench_utils.config import RunConfig
+
+    nb = nbformat.read(NB, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    with caplog.at_level(logging.WARNING):
+        inferred = {p.name for p in PythonTranslator.inspect(cell)}
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert inferred == {f.name for f in fields(RunConfig)} - {"extra"}
+
+
+def test_a_run_with_errors_left_to_retry_fails_the_papermill_command(tmp_path):
+    """The exit status a script can trust: max_attempts left on an error record means 'resume', not done."""
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), progress_bar=False,
+                            parameters=dict(run_dir=str(tmp_path / "r"), limit=4, max_reasks=0, max_new_tokens=2,
+                                            max_time_per_sample=1e-9))
+    assert e.value.ename == "RunFailed" and "still to run or retry" in e.value.evalue

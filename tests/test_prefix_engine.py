@@ -147,7 +147,7 @@ def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny
     out = list(engine.run(reqs, settings))
     assert sorted(r.key for r, _, _ in out) == sorted(plain)           # nothing lost, nothing twice
     assert all(not isinstance(res, BaseException) and res.text == plain[r.key] for r, res, _ in out)
-    fell = [r.key for r, _, steps in out if steps and steps[0].startswith("prefix sharing off after")]
+    fell = [r.key for r, _, steps in out if steps and steps[0].kind == "prefix_fallback"]
     if where == "prefix with a pool":   # the pool is drained and dropped, the prefix retried: no fallback
         assert not fell and len(engine.stats["pools"]) == 2 and len(calls) == 1 + len(engine.stats["prefix_times"])
         return

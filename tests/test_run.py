@@ -59,10 +59,11 @@ def test_one_bad_sample_does_not_fail_its_batch(tmp_path, tiny_backend, sample_d
 
 def test_oom_in_a_batch_splits_it_and_records_the_steps(tmp_path, tiny_backend, sample_data):
     faulty = FaultyBackend(tiny_backend, {1: "oom"}, times=1)
-    job(tmp_path, faulty, sample_data, limit=4, batch_size=4, max_reasks=0).execute()
+    job(tmp_path, faulty, sample_data, limit=4, batch_size=4, max_reasks=0, share_prefix=False).execute()
     recs = view(read_log(tmp_path / "run").records)
     assert all(r["status"] == "ok" for r in recs.values())
-    assert any("after OOM" in step for r in recs.values() for step in r["degraded"])
+    splits = [d for r in recs.values() for d in r["degraded"] if d["kind"] == "batch_split"]
+    assert splits and splits[0]["detail"] == "after OOM" and splits[0]["before"] == 4
 
 
 def test_reasks_are_counted_and_a_missing_final_answer_is_not_an_error(tmp_path, tiny_backend, sample_data):
@@ -107,8 +108,8 @@ def test_bad_parameters_fail_before_work(tmp_path, tiny_backend, sample_data):
 
 def test_results_json_and_default_run_dir(tmp_path, tiny_backend, sample_data):
     cfg = RunConfig(model="tiny", modality="mix", format="csv", qa_file="QA_long.json")
-    assert str(cfg.default_run_dir("runs")) == "runs/tiny_mix_csv_QA_long"
-    assert str(RunConfig(modality="image").default_run_dir("runs")) == "runs/tiny_image"
+    assert str(cfg.default_run_dir("runs")) == "runs/tiny_mix_csv_QA_long_sample"
+    assert str(RunConfig(modality="image").default_run_dir("runs")) == "runs/tiny_image_sample"
     job(tmp_path, tiny_backend, sample_data, limit=2, max_reasks=0).execute()
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["summary"]["ok"] == 2 and res["time"]["total_s"] > 0
@@ -121,18 +122,19 @@ def test_oom_ladder_halves_tokens_then_gives_an_oom_record(tmp_path, tiny_backen
     bound = int(min(sizes) * 0.6)        # the tokenizer differs with and without the shared files
     faulty = FaultyBackend(tiny_backend, oom_above_tokens=bound)
     s = job(tmp_path, faulty, sample_data, limit=2, batch_size=2, max_reasks=0, format="html",
-            oom_floor_tokens=256, max_attempts=1).execute()
+            oom_floor_tokens=256, max_attempts=1, share_prefix=False).execute()
     recs = view(read_log(tmp_path / "run").records)
     for r in recs.values():
         assert r["status"] == "ok", r["error"]
         assert r["input_tokens_sent"] <= bound and r["truncated"]
-        assert any("after OOM" in d and "max_input_tokens" in d for d in r["degraded"])
-        assert any(d.startswith("batch 2 -> 1+1") for d in r["degraded"])
+        assert any(d["kind"] == "token_budget" and d["after"] < d["before"] for d in r["degraded"])
+        assert any(d["kind"] == "batch_split" and d["before"] == 2 and d["after"] == [1, 1] for d in r["degraded"])
     faulty = FaultyBackend(tiny_backend, oom_above_tokens=100)        # nothing fits above the floor
     s = job(tmp_path, faulty, sample_data, run_dir=str(tmp_path / "r2"), limit=1, max_reasks=0, format="html",
             oom_floor_tokens=1024, max_attempts=1).execute()
     r = next(iter(view(read_log(tmp_path / "r2").records).values()))
-    assert r["status"] == "oom" and "max_input_tokens" in " ".join(r["tried"])
+    assert r["status"] == "oom" and [d["kind"] for d in r["tried"]][-1] == "failed"
+    assert any(d["kind"] == "token_budget" for d in r["tried"]) and r["tried"][-1]["detail"].startswith("OutOfMemoryError")
     assert s["verdict"] == "complete with 1 permanent errors"
 
 
@@ -143,7 +145,7 @@ def test_oom_ladder_halves_image_pixels(tmp_path, tiny_backend, sample_data):
         assert r["status"] == "ok"
         w, h = r["image_size_sent"]
         assert w * h <= 200 * 200 < r["image_size"][0] * r["image_size"][1]
-        assert any(d.startswith("image ") and "after OOM" in d for d in r["degraded"])
+        assert any(d["kind"] == "image_halved" and d["detail"] == "after OOM" for d in r["degraded"])
 
 
 def test_timeout_becomes_a_timeout_record_and_the_run_goes_on(tmp_path, tiny_backend, sample_data):

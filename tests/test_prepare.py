@@ -1,0 +1,69 @@
+"""Preparation beside the engine, and the refusals made before any work starts."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from hitbench_utils import data as D
+from hitbench_utils.config import RunConfig
+from hitbench_utils.errors import ConfigError
+from hitbench_utils.prepare import Preparer, prepare_stream
+from hitbench_utils.prompts import load_templates
+from hitbench_utils.run import Job
+
+
+def preparer(sample_data, tiny_backend, **kw) -> tuple[Preparer, list]:
+    cfg = RunConfig(data_path=str(sample_data), **kw).validate()
+    queries = D.load_queries(sample_data / "QA_final.json")
+    return Preparer(cfg, tiny_backend, load_templates(None), sample_data, sample_data / "image"), queries
+
+
+def test_forked_workers_prepare_exactly_what_the_run_process_prepares(sample_data, tiny_backend):
+    prep, queries = preparer(sample_data, tiny_backend, max_input_tokens=600)     # small: truncation happens
+    groups = [[(q, 1) for q in queries[i:i + 5]] for i in range(0, len(queries), 5)]
+    here = [p for g in prepare_stream(prep, groups, workers=0) for p in g]
+    forked = [p for g in prepare_stream(prep, groups, workers=2, ahead=3) for p in g]
+    assert [p.record.id for p in forked] == [q.id for q in queries]              # in order
+    assert any(p.record.truncated for p in here)
+    for a, b in zip(here, forked):
+        assert (a.request is None) == (b.request is None)
+        if a.request is not None:
+            assert a.request.messages == b.request.messages and a.request.input_tokens == b.request.input_tokens
+        ra, rb = a.record.to_dict(), b.record.to_dict()
+        for k in ("started_at", "prepare_s"):
+            ra.pop(k), rb.pop(k)
+        assert ra == rb
+
+
+def test_a_limit_that_no_instructions_fit_is_refused_before_any_work(tmp_path, sample_data, tiny_backend):
+    job = Job(RunConfig(data_path=str(sample_data), run_dir=str(tmp_path / "r"), max_input_tokens=10),
+              backend=tiny_backend, progress=False)
+    with pytest.raises(ConfigError, match=r"max_input_tokens=10 is not allowed; allowed: at least [\d,]+") as e:
+        job.execute()
+    assert "image" not in str(e.value) and "raise max_input_tokens" in str(e.value)
+    assert not (tmp_path / "r" / "samples.jsonl").exists() or (tmp_path / "r" / "samples.jsonl").read_text().count("\n") <= 1
+
+
+def test_an_image_run_without_images_is_refused_naming_the_render_command(tmp_path, sample_data, tiny_backend):
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data, ignore=shutil.ignore_patterns("image"))
+    job = Job(RunConfig(data_path=str(data), modality="mix", run_dir=str(tmp_path / "r")), backend=tiny_backend,
+              progress=False)
+    with pytest.raises(ConfigError, match="python -m hitbench_utils render --data .* --out images/.*-p image_dir images/"):
+        job.execute()
+    assert not (tmp_path / "r").exists()          # refused before the run folder was made
+
+
+def test_a_data_path_that_does_not_exist_says_so_without_dev_helpers(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist") as e:
+        Job(RunConfig(data_path=str(tmp_path / "nope")), progress=False)
+    assert "shared" not in str(e.value) and "realhitbench" not in str(e.value)
+
+
+def test_the_default_run_folder_names_the_data(tmp_path, sample_data):
+    assert RunConfig().default_run_dir("runs").name == "tiny_text_html_sample"
+    other = tmp_path / "RealHiTBench"
+    other.mkdir()
+    assert RunConfig(data_path=str(other), qa_file="QA_long.json").default_run_dir("runs").name == \
+        "tiny_text_html_QA_long_RealHiTBench"
