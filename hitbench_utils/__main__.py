@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             judge = Judge(a.judge_base_url, a.judge_model, api_key_env=a.judge_api_key_env,
                           cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"))
         print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
-                                         write=not a.dry_run)))
+                                         write=not a.dry_run, progress=True)))
         return 0
     if a.cmd == "render":
         from .render_all import format_render, render_dataset
