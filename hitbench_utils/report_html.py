@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .report_paper import breakable
+
 if TYPE_CHECKING:
     from .report import Report
 
@@ -24,15 +26,17 @@ STYLE = """
 body.hitbench{margin:1.5em 2em}
 .hitbench h1{font-size:1.6em}.hitbench h2{font-size:1.3em;margin-top:1.6em;border-bottom:1px solid #ccc}
 .hitbench table{border-collapse:collapse;margin:.4em 0 1.2em;max-width:100%}
-.hitbench th,.hitbench td{border:1px solid #bbb;padding:3px 7px;text-align:right;overflow-wrap:anywhere;
-  vertical-align:top}
+.hitbench th,.hitbench td{border:1px solid #bbb;padding:3px 7px;text-align:right;vertical-align:top;
+  overflow-wrap:break-word}
 .hitbench th{background:#eef;font-weight:600}
 .hitbench td.key,.hitbench th.key,.hitbench td.text{text-align:left}
 .hitbench table.paper th.group{text-align:center;background:#dde}
-.hitbench table.paper td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+.hitbench table.paper td.num{font-variant-numeric:tabular-nums}
+.hitbench table.paper thead tr+tr th{white-space:nowrap}
 .hitbench tbody tr:nth-child(even){background:#f7f7fb}
 .hitbench img.fig{display:block;width:100%;height:auto;margin:.5em 0 1.5em}
 .hitbench code,.hitbench .path{overflow-wrap:anywhere}
+.hitbench td.num{white-space:nowrap}
 .hitbench p.note{color:#555;font-size:.92em;max-width:60em}
 """
 RUN_COLUMNS = ["run", "model", "modality", "format", "qa_file", "subset", "total", "ok", "errors", "truncated",
@@ -45,13 +49,14 @@ TITLES = {"paper": "Paper table", "runs": "Runs", "errors": "Errors per run and 
 def frame_html(df: pd.DataFrame, index: bool = False, text_columns: tuple[str, ...] = ()) -> str:
     """A DataFrame as a wrapping HTML table: 2 decimals, '–' for missing, text columns left-aligned."""
     df = df.reset_index() if index else df
-    head = "".join(f'<th class="{"key" if c in text_columns else ""}">{html.escape(str(c))}</th>' for c in df.columns)
+    head = "".join(f'<th class="{"key" if c in text_columns else ""}">{breakable(c)}</th>' for c in df.columns)
     rows = []
     for row in df.itertuples(index=False):
         cells = []
         for c, v in zip(df.columns, row):
             text = "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.2f}" if isinstance(v, float) else str(v)
-            cells.append(f'<td class="{"text" if c in text_columns else "num"}">{html.escape(text)}</td>')
+            cells.append(f'<td class="text">{breakable(text)}</td>' if c in text_columns
+                         else f'<td class="num">{html.escape(text)}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -93,7 +98,7 @@ def sections(rep: Report) -> dict[str, str]:
 def write_html(rep: Report, path: str | os.PathLike | None = None) -> Path:
     """A self-contained HTML page (every table, the paper table, the PNGs embedded); no Jupyter needed."""
     path = Path(path) if path else rep.out_dir / "report.html"
-    listing = "".join(f'<li><b>{html.escape(r.name)}</b>: <span class="path">{html.escape(str(r.path))}</span></li>'
+    listing = "".join(f'<li><b>{breakable(r.name)}</b>: <span class="path">{breakable(r.path)}</span></li>'
                       for r in rep.runs)
     body = [f"<h1>hitbench report</h1><p>{len(rep.runs)} runs:</p><ul>{listing}</ul>"]
     body += [f"<h2>{TITLES[name]}</h2>{frag}" for name, frag in sections(rep).items()]

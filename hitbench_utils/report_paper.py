@@ -116,17 +116,24 @@ def paper_latex(df: pd.DataFrame) -> str:
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
+def breakable(text: object) -> str:
+    """Escaped text that a browser may wrap after '_', '/' and '-' (run names and paths have no spaces)."""
+    out = html.escape(str(text))
+    for ch in "_/-":
+        out = out.replace(ch, ch + "<wbr>")
+    return out
+
+
 def paper_html(df: pd.DataFrame, table_id: str = "paper-table") -> str:
     """A real ``<table>``: two header rows (question types spanning their metrics), one row per run."""
     keys, metrics = _split(df)
-    esc = html.escape
-    top = "".join(f'<th rowspan="2" class="key">{esc(k)}</th>' for k in keys)
-    top += "".join(f'<th colspan="{w}" class="group">{esc(q)}</th>' for q, w in _groups(metrics))
-    sub = "".join(f"<th>{esc(m)}</th>" for _, m in metrics)
+    top = "".join(f'<th rowspan="2" class="key">{breakable(k)}</th>' for k in keys)
+    top += "".join(f'<th colspan="{w}" class="group">{html.escape(q)}</th>' for q, w in _groups(metrics))
+    sub = "".join(f"<th>{html.escape(m)}</th>" for _, m in metrics)
     body = []
     for row in df.itertuples(index=False):
-        cells = [f'<td class="key">{esc(str(v))}</td>' for v in row[:len(keys)]]
+        cells = [f'<td class="key">{breakable(v)}</td>' for v in row[:len(keys)]]
         cells += [f'<td class="num">{_num(v, "–")}</td>' for v in row[len(keys):]]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="{esc(table_id)}" class="paper"><thead><tr>{top}</tr><tr>{sub}</tr></thead>'
+    return (f'<table id="{html.escape(table_id)}" class="paper"><thead><tr>{top}</tr><tr>{sub}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table>")
