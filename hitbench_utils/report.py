@@ -22,7 +22,8 @@ import pandas as pd
 from . import report_figures as F
 from .errors import ERROR_STATUSES
 from .report_html import export_notebook_html, write_html  # noqa: F401 - the report's public API
-from .report_paper import SHORT, metric_columns, metric_value, paper_frame, paper_html, paper_latex, paper_markdown
+from .report_paper import (SHORT, metric_columns, metric_value, paper_frame, paper_html, paper_latex, paper_markdown,
+                           structure_frame)
 from .runlog import read_log, view
 from .scoring.aggregates import PAPER_COLUMNS, aggregate
 from .status import summarize
@@ -97,8 +98,16 @@ def load_run(path: str | os.PathLike) -> Run:
                modality, None if modality == "image" else fp.get("format", cfg.get("format")),
                Path(str(cfg.get("model") or "?").rstrip("/")).name, fp.get("max_input_tokens", cfg.get("max_input_tokens")),
                Path(str(cfg.get("qa_file") or fp.get("qa_file") or "QA_final.json")).name,
-               subset_label(results["subset"] if "subset" in results else cfg),
+               subset_label(_subset_of(results, cfg)),
                sc.get("protocol") or cfg.get("structure_reference"))
+
+
+def _subset_of(results: dict, cfg: dict) -> object:
+    """results.json's ``run_key.subset`` (None: the whole QA file) or ``subset``, else the config."""
+    key = results.get("run_key")
+    if isinstance(key, dict) and "subset" in key:
+        return key["subset"]
+    return results["subset"] if "subset" in results else cfg
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -260,7 +269,8 @@ def build_report(runs: str | os.PathLike | Iterable[str | os.PathLike] | list[Ru
     metrics, pf = metrics_table(runs), paper_frame(runs)
     rep = Report(out, runs, {"runs": run_table(runs), "errors": error_table(runs), "truncation": truncation_table(runs),
                              "metrics": metrics, "truncated_vs_rest": truncated_vs_rest(runs),
-                             "latency": latency_table(runs)}, pf, paper_markdown(pf), paper_latex(pf), paper_html(pf))
+                             "latency": latency_table(runs),
+                             "structure": structure_frame(runs, [aggregate(r.latest) for r in runs])}, pf, paper_markdown(pf), paper_latex(pf), paper_html(pf))
     for name, df in rep.tables.items():
         index = name in INDEXED
         df.to_csv(out / f"{name}.csv", index=index)

@@ -43,7 +43,7 @@ RUN_COLUMNS = ["run", "model", "modality", "format", "qa_file", "subset", "total
                "degraded", "no_final_answer", "time_s", "remaining"]
 TITLES = {"paper": "Paper table", "runs": "Runs", "errors": "Errors per run and status",
           "truncation": "Truncation per run", "truncated_vs_rest": "Truncated samples against the rest",
-          "latency": "Latency (ok samples, s)"}
+          "latency": "Latency (ok samples, s)", "structure": "Structure Comprehending under both protocols"}
 
 
 def frame_html(df: pd.DataFrame, index: bool = False, text_columns: tuple[str, ...] = ()) -> str:
@@ -92,6 +92,11 @@ def sections(rep: Report) -> dict[str, str]:
         else "<p>No run has truncated samples.</p>",
         "latency": frame_html(t["latency"], index=True, text_columns=text) + _img(fig.get("latency"), "latency per run"),
     }
+    if len(t.get("structure", ())):
+        parts["structure"] = (frame_html(t["structure"], text_columns=(*text, "protocol", "tables"))
+                              + '<p class="note">Structure Comprehending scored both ways: against the paired '
+                                "original question's answer (gold) and against the model's own answer to it "
+                                "(consistency). The paper table uses the run's protocol.</p>")
     return {k: f'<div class="hitbench">{v}</div>' for k, v in parts.items()}
 
 

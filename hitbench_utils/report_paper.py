@@ -49,17 +49,22 @@ def metric_value(agg: dict, qtype: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def sc_protocol(agg: dict) -> str | None:
+    """The Structure Comprehending protocol the aggregate's SC numbers use, when it names one."""
+    return ((agg.get("by_type") or {}).get("Structure Comprehending") or {}).get("protocol")
+
+
 def paper_frame(runs: list[RunLike]) -> pd.DataFrame:
     """One row per run: the key columns, 'SC protocol' when any run names one, then the metrics."""
     aggs = [aggregate(r.latest) for r in runs]
     cols = metric_columns(aggs)
-    protocol = any(r.sc_protocol for r in runs)
+    protocol = any(r.sc_protocol or sc_protocol(a) for r, a in zip(runs, aggs))
     rows = []
     for run, agg in zip(runs, aggs):
         row: dict[str, Any] = dict(zip(KEY_COLUMNS, [run.name, run.model, run.modality, run.format or "–",
                                                      run.qa_file, run.subset]))
         if protocol:
-            row["SC protocol"] = run.sc_protocol or "–"
+            row["SC protocol"] = sc_protocol(agg) or run.sc_protocol or "–"
         row.update({f"{SHORT[q]} {m}": metric_value(agg, q, m) for q, m in cols})
         rows.append(row)
     keys = KEY_COLUMNS + (["SC protocol"] if protocol else [])
@@ -137,3 +142,21 @@ def paper_html(df: pd.DataFrame, table_id: str = "paper-table") -> str:
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table id="{html.escape(table_id)}" class="paper"><thead><tr>{top}</tr><tr>{sub}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def structure_frame(runs: list[RunLike], aggs: list[dict]) -> pd.DataFrame:
+    """Structure Comprehending under both protocols, for the runs whose aggregates carry them
+    (``aggregate(...)["structure"]``: the protocol the paper table uses, the tables, gold and consistency)."""
+    cols = ["run", "protocol", "tables", "n", "paired", "gold F1", "gold EM", "gold unscored",
+            "consistency F1", "consistency EM", "consistency unscored"]
+    rows = []
+    for run, agg in zip(runs, aggs):
+        sc = agg.get("structure")
+        if isinstance(sc, dict):
+            row = {"run": run.name, **{k: sc.get(k) for k in ("protocol", "tables", "n", "paired")}}
+            for name in ("gold", "consistency"):
+                part = sc.get(name) or {}
+                row.update({f"{name} F1": part.get("F1"), f"{name} EM": part.get("EM"),
+                            f"{name} unscored": part.get("unscored")})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols).astype({c: float for c in cols if c.endswith(("F1", "EM"))})

@@ -27,6 +27,7 @@ from hitbench_utils.data import load_queries
 from hitbench_utils.errors import ERROR_STATUSES
 from hitbench_utils.faults import FaultyBackend, OracleBackend
 from hitbench_utils.run import Job
+from hitbench_utils import report_paper as RP
 from hitbench_utils.report_paper import KEY_COLUMNS
 from hitbench_utils.runlog import read_log, view
 from hitbench_utils.scoring.aggregates import aggregate
@@ -281,6 +282,36 @@ def test_report_notebook_html_in_headless_chromium(request, tmp_path):
     assert seen["scrollWidth"] <= seen["clientWidth"], seen
     assert len(seen["images"]) == 4 and all(i["ok"] for i in seen["images"]), seen
     assert_not_blank(shot, (1400, 2000))
+
+
+def test_structure_under_both_protocols_and_run_key(wide_runs, tmp_path, monkeypatch):
+    """Aggregates that carry SC under both protocols (``structure``) get their own table and section, and
+    name the protocol in the paper table; results.json's run_key.subset is the subset when present."""
+    sc = {"protocol": "gold", "tables": "swap", "n": 3, "paired": 3,
+          "gold": {"F1": 50.0, "EM": 33.3, "unscored": 0}, "consistency": {"F1": 80.0, "EM": 66.7, "unscored": 1}}
+    real = R.aggregate
+
+    def with_sc(records):
+        out = real(records)
+        if records is wide_runs[1].latest:
+            out["structure"] = sc
+            out["by_type"].setdefault("Structure Comprehending", {})["protocol"] = "gold"
+        return out
+    monkeypatch.setattr(R, "aggregate", with_sc)
+    monkeypatch.setattr(RP, "aggregate", with_sc)
+    rep = R.build_report(wide_runs, tmp_path / "out")
+    t = rep.tables["structure"]
+    assert list(t["run"]) == ["tiny_text_csv"] and t.loc[0, "consistency F1"] == 80.0 and t.loc[0, "tables"] == "swap"
+    assert list(rep.paper["SC protocol"]) == ["–", "gold", "consistency", "–"]
+    page = R.write_html(rep).read_text().replace("<wbr>", "")
+    assert "<h2>Structure Comprehending under both protocols</h2>" in page and "80.00" in page
+    res = json.loads((wide_runs[2].path / "results.json").read_text())
+    res["run_key"] = {"run": wide_runs[2].path.name, "qa_file": "QA_final.json", "subset": {"ids": [5, 6]}}
+    (wide_runs[2].path / "results.json").write_text(json.dumps(res))
+    assert R.load_run(wide_runs[2].path).subset == "ids 5, 6"
+    res["run_key"]["subset"] = None                      # None: the whole QA file
+    (wide_runs[2].path / "results.json").write_text(json.dumps(res))
+    assert R.load_run(wide_runs[2].path).subset == "all"
 
 
 def test_subset_labels():
