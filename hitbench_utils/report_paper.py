@@ -54,17 +54,23 @@ def sc_protocol(agg: dict) -> str | None:
     return ((agg.get("by_type") or {}).get("Structure Comprehending") or {}).get("protocol")
 
 
+def _has_sc(run: RunLike) -> bool:
+    return any(r.get("question_type") == "Structure Comprehending" for r in run.latest)
+
+
 def paper_frame(runs: list[RunLike]) -> pd.DataFrame:
-    """One row per run: the key columns, 'SC protocol' when any run names one, then the metrics."""
+    """One row per run: the key columns, 'SC protocol' when a run with SC questions names one (from its
+    aggregate, else its config's ``structure_reference``), then the metrics."""
     aggs = [aggregate(r.latest) for r in runs]
     cols = metric_columns(aggs)
-    protocol = any(r.sc_protocol or sc_protocol(a) for r, a in zip(runs, aggs))
+    protocols = [sc_protocol(a) or (r.sc_protocol if _has_sc(r) else None) for r, a in zip(runs, aggs)]
+    protocol = any(protocols)
     rows = []
-    for run, agg in zip(runs, aggs):
+    for run, agg, proto in zip(runs, aggs, protocols):
         row: dict[str, Any] = dict(zip(KEY_COLUMNS, [run.name, run.model, run.modality, run.format or "–",
                                                      run.qa_file, run.subset]))
         if protocol:
-            row["SC protocol"] = sc_protocol(agg) or run.sc_protocol or "–"
+            row["SC protocol"] = proto or "–"
         row.update({f"{SHORT[q]} {m}": metric_value(agg, q, m) for q, m in cols})
         rows.append(row)
     keys = KEY_COLUMNS + (["SC protocol"] if protocol else [])

@@ -224,6 +224,8 @@ def wide_runs(demo_runs, tmp_path_factory):
     runs[2].latest = [dict(r, status="ok", scores={**(r.get("scores") or {}), "judge": 70.0}, score_status="scored")
                       if r["question_type"] == "Data Analysis" else r for r in runs[2].latest]
     assert any(r["question_type"] == "Data Analysis" for r in runs[2].latest)
+    fc = next(r for r in runs[2].latest if r["question_type"] == "Fact Checking")
+    runs[2].latest.append(dict(fc, id=10_000, question_type="Structure Comprehending"))   # its SC protocol shows
     return runs
 
 
