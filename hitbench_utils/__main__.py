@@ -92,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
                 judge._load_cache()
                 judge.cache_path = None
         print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
-                                         write=not a.dry_run, chart_allow_unsealed=a.chart_allow_unsealed)))
+                                         write=not a.dry_run, chart_allow_unsealed=a.chart_allow_unsealed,
+                                         progress=True)))
         return 0
     if a.cmd == "render":
-        from .render_all import render_dataset
+        from .render_all import format_render, render_dataset
 
         r = render_dataset(a.data, a.out, names=a.names, force=a.force)
-        print(f"{r['tables']} tables: {r['rendered']} rendered, {r['skipped']} already there, {r['failed']} failed; "
-              f"manifest {r['manifest']}")
-        return 0 if not r["failed"] else 1
+        print(format_render(r))
+        return 1 if r["errors"] else 0      # tables that are only LFS stubs are listed, not failures
     if a.cmd == "tiny":
         from .backends.tiny import tiny_model_dir
 

@@ -27,12 +27,16 @@ def combinations(modalities: Sequence[str], formats: Sequence[str]) -> list[tupl
 
 def run_grid(modalities: Sequence[str], formats: Sequence[str], *, notebook: str | Path | None = None,
              runs_root: str | Path = "runs", params: dict[str, Any] | None = None,
-             kernel_name: str | None = None) -> list[dict]:
+             kernel_name: str | None = None, progress: bool = True) -> list[dict]:
+    """Run each combination in turn; the bar counts combinations as they finish (with the last outcome)."""
     import papermill as pm
+    from tqdm.auto import tqdm
 
     nb = Path(notebook or NOTEBOOK)
-    results = []
-    for modality, fmt in combinations(modalities, formats):
+    results: list[dict] = []
+    combos = combinations(modalities, formats)
+    bar = tqdm(total=len(combos), desc="grid", unit="run", disable=not progress)
+    for modality, fmt in combos:
         p = dict(params or {}, modality=modality, format=fmt)
         cfg = RunConfig(**{k: v for k, v in p.items() if k in RunConfig.__dataclass_fields__}).validate()
         run_dir = Path(p.get("run_dir") or cfg.default_run_dir(runs_root))
@@ -48,6 +52,9 @@ def run_grid(modalities: Sequence[str], formats: Sequence[str], *, notebook: str
         row["seconds"] = round(time.time() - t0, 1)
         row["verdict"] = summarize(run_dir)["verdict"]
         results.append(row)
+        bar.set_postfix_str(f"{modality}/{row['format']}: {row['outcome'][:40]}", refresh=False)
+        bar.update(1)
+    bar.close()
     return results
 
 

@@ -17,9 +17,12 @@ SCORE_KEYS = ("scores", "score_status", "score_error")
 
 def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: bool = False, judge=None,
                 chart_timeout: float = 20, write: bool = True, data_path: str | None = None,
-                chart_allow_unsealed: bool = False) -> dict:
+                chart_allow_unsealed: bool = False, progress: bool = False) -> dict:
     """Rescore a run folder. ``write=False`` (``--dry-run``) compares only: no file of the folder is
-    created or changed (no log records, no results.json, no chart artifacts)."""
+    created or changed (no log records, no results.json, no chart artifacts). ``progress`` shows a bar
+    that counts records as they finish."""
+    from tqdm.auto import tqdm
+
     from .scoring import rescore_records, scoring_provenance
 
     run_dir = Path(run_dir)
@@ -29,9 +32,10 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
     data_path = data_path or contents.header.get("data_path")
     latest = list(view(contents.records).values())
     t0 = time.time()
-    new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts") if write else None,
-                          judge=judge, chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers,
-                          chart_allow_unsealed=chart_allow_unsealed)
+    with tqdm(total=len(latest), desc="rescore", unit="record", disable=not progress) as bar:
+        new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts") if write else None,
+                              judge=judge, chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers,
+                              chart_allow_unsealed=chart_allow_unsealed, on_done=lambda _: bar.update(1))
     changed = [(a, b) for a, b in zip(latest, new) if any(a.get(k) != b.get(k) for k in SCORE_KEYS)]
     report = {"run_dir": str(run_dir), "records": len(latest), "changed": len(changed), "seconds": round(time.time() - t0, 2),
               "changed_ids": [b["id"] for _, b in changed][:50], "provenance": scoring_provenance(chart_compat=chart_compat, judge=judge)}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Callable
 
 from hitbench_utils.scoring.chart_code import chart_type_of
 from hitbench_utils.scoring.judge import JUDGED_SUBTYPES, JudgeError
@@ -115,10 +115,12 @@ def xlsx_path_for(data_path: str | os.PathLike, file_name: str | None) -> str | 
 
 def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifacts_dir: str | None = None,
                     judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False,
-                    workers: int = 2, chart_allow_unsealed: bool = False, secrets: Sequence[str] = ()) -> list[dict]:
+                    workers: int = 2, chart_allow_unsealed: bool = False, secrets: Sequence[str] = (),
+                    on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Score every record again from its saved response (no inference); returns new records in the
     same order, each the old one with the score fields replaced. Charts and judge calls run in
-    ``workers`` threads (the chart server runs the programs in parallel)."""
+    ``workers`` threads (the chart server runs the programs in parallel). ``on_done`` gets each new
+    record as it finishes (a progress bar's update)."""
 
     def one(record: dict) -> dict:
         fields = score_record(record, xlsx_path=xlsx_path_for(data_path, record.get("file_name")),
@@ -140,6 +142,11 @@ def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifa
         for i, record in enumerate(records):
             if i not in futures:
                 out[i] = one(record)
+                if on_done:
+                    on_done(out[i])
+        for fut in as_completed(futures.values()):
+            if on_done:
+                on_done(fut.result())
         for i, fut in futures.items():
             out[i] = fut.result()
     return out  # type: ignore[return-value]
