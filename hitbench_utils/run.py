@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import data as D
 from .backends.base import GenRequest, GenSettings
@@ -51,7 +51,7 @@ def make_engine(backend: Any, cfg: RunConfig) -> Engine:
     from .backends.hf import HFBackend
 
     if cfg.share_prefix and isinstance(backend, HFBackend):   # wrappers (fault injection) get plain batching
-        from .prefix_engine import PrefixEngine
+        from .engine import PrefixEngine
 
         return PrefixEngine(backend, cfg.batch_size, cfg.token_budget)
     if getattr(backend, "device", None) == "remote":   # a server: no padding; keep `concurrency` requests busy
@@ -76,6 +76,9 @@ class Job:
     runs_root: str | None = None
     progress: bool = True
     stats: dict = field(default_factory=dict)
+    # applied to every GenRequest before the engine sees it (first ask, re-ask, OOM retry): a public seam
+    # for benchmarks (scripted output lengths) and instrumentation
+    request_hook: Callable[[GenRequest], GenRequest] | None = None
     engine: Engine | None = field(default=None, init=False)     # the last run's engine (its stats)
 
     def __post_init__(self) -> None:
@@ -246,7 +249,8 @@ class Job:
                 p.image = fit_image(original, self.config.min_pixels, self.config.max_pixels)
                 rec.image_size, rec.image_size_sent = list(original.size), list(p.image.size)
                 rec.image_tokens = self.backend.image_tokens(p.image)
-            p.request = GenRequest(q.id, self._fit(p), p.image, rec.input_tokens_sent, share_from=p.prompt.suffix)
+            p.request = self._hooked(GenRequest(q.id, self._fit(p), p.image, rec.input_tokens_sent,
+                                                share_from=p.prompt.suffix))
         except Exception as e:  # noqa: BLE001
             rec.fail(e)
         rec.prepare_s = time.perf_counter() - t0
@@ -365,8 +369,8 @@ class Job:
                     rec.prediction, rec.answer_format_ok = extract_answer(res.text, viz)
                     rec.reasks = round_
                     if not rec.answer_format_ok and round_ < self.config.max_reasks:
-                        retry.append(GenRequest(req.key, _with_reask(req.messages, reask), p.image, req.input_tokens,
-                                                share_from=req.share_from))
+                        retry.append(self._hooked(GenRequest(req.key, _with_reask(req.messages, reask), p.image,
+                                                             req.input_tokens, share_from=req.share_from)))
                     else:
                         yield final(p)
                 yield from ready
@@ -399,7 +403,10 @@ class Job:
         log.warning("OOM on id=%s: retrying with %s", rec.id, rec.degraded[-1])
         if round_:
             msgs = _with_reask(msgs, reask_text(self.templates))
-        return GenRequest(req.key, msgs, p.image, rec.input_tokens_sent, share_from=req.share_from)
+        return self._hooked(GenRequest(req.key, msgs, p.image, rec.input_tokens_sent, share_from=req.share_from))
+
+    def _hooked(self, req: GenRequest) -> GenRequest:
+        return self.request_hook(req) if self.request_hook is not None else req
 
     def judge(self):
         """The LLM judge for Summary/Anomaly Analysis, when one is configured (else they stay unscored)."""

@@ -12,8 +12,8 @@ import logging
 import time
 from typing import Iterable, Iterator
 
-from .backends.base import Backend, GenRequest, GenResult, GenSettings
-from .errors import status_of
+from ..backends.base import Backend, GenRequest, GenResult, GenSettings
+from ..errors import status_of
 
 log = logging.getLogger("hitbench")
 
@@ -77,7 +77,7 @@ def default_token_budget(device: str) -> int:
 class Engine:
     def __init__(self, backend: Backend, batch_size: int = 4, token_budget: int | None = None) -> None:
         if int(batch_size) < 1:
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError("batch_size", batch_size, "an integer ≥ 1")
         if token_budget is None:
