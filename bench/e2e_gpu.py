@@ -184,6 +184,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--seed-style", default=",".join(SETTINGS), help="settings that also run the seed-style loop")
+    ap.add_argument("--seed-only", default="", help="settings whose engine run is skipped (measured in an earlier call)")
+    ap.add_argument("--no-checks", action="store_true", help="skip the matmul ceiling and the logits check")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default="/tmp/e2e_bench")
@@ -219,12 +222,12 @@ def main() -> int:
                            "full_run_min": "wall_s x full questions / sample questions / 60 (conservative: each "
                                            "slot pool's last long answers are a fixed cost)"},
               "missing_lengths": {f: m["missing_lengths"] for f, m in meta["formats"].items()}}
-    if not a.smoke:
+    if not a.smoke and not a.no_checks:
         result["ceiling"] = matmul_ceiling()
         from bench.e2e_exact import logits_check
 
         result["exactness_bf16"] = logits_check(backend, ROOT, meta)
-    stem = f"e2e-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "")
+    stem = f"e2e-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "") + a.tag
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
@@ -233,6 +236,13 @@ def main() -> int:
         m = meta["formats"][fmt]
         ids = m["ids"][:12] if a.smoke else m["ids"]
         lengths = {str(k): v for k, v in m["lengths"].items()}
+        if name in a.seed_only.split(","):
+            sids = m["seed_style_ids"]
+            seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke)
+            result[name + "_seed_style_only"] = seed
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+            print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
+            continue
         eng = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke)
         print(name, "engine", json.dumps({k: v for k, v in eng.items() if k != "engine"}), flush=True)
         result[name] = setting_result(name, m, eng, None)

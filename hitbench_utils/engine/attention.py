@@ -108,4 +108,24 @@ def attend_prefixed(q: Any, Kp: Any, Vp: Any, Ks: Any, Vs: Any, mask: Any, scale
     p1, p2 = (s1 - m).exp(), (s2 - m).exp()
     total = p1.sum(-1, keepdim=True) + p2.sum(-1, keepdim=True)
     p1, p2 = (p1 / total).to(Vp.dtype), (p2 / total).to(Vs.dtype)
-    return (torch.matmul(p1, Vp).float() + torch.matmul(p2, Vs).float()).to(Vs.dtype)
+    return (_weighted_sum(p1, Vp) + torch.matmul(p2, Vs).float()).to(Vs.dtype)
+
+
+def _weighted_sum(p: Any, V: Any) -> Any:
+    """p [B, H, M, L] @ V [B, H, L, D] in float32, over key chunks in parallel as in ``attend``: with few
+    query rows and long keys one matmul has too little parallel work (a reduction over all L keys)."""
+    import torch
+
+    B, H, M, L = p.shape
+    chunks = 1
+    while B * H * chunks < 1024 and L // (chunks * 2) >= 256:
+        chunks *= 2
+    n = L // chunks * chunks
+    if chunks == 1:
+        return torch.matmul(p, V).float()
+    c = n // chunks
+    pc = p[..., :n].reshape(B, H, M, chunks, c).transpose(2, 3)                # [B, H, C, M, c]
+    out = torch.matmul(pc, V[:, :, :n].reshape(B, H, chunks, c, V.shape[-1])).float().sum(2)
+    if n < L:
+        out = out + torch.matmul(p[..., n:], V[:, :, n:]).float()
+    return out
