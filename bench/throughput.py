@@ -323,7 +323,8 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
     coef = fit_prefill(st["prefix_times"])
     step_s = st["decode_s"] / max(1, st["decode_steps"])
     occupancy = st["decode_rows"] / max(1, st["decode_steps"])
-    suffix_fit = fit_linear(st["suffix_times"]) if len(st["suffix_times"]) >= 3 else [st["suffix_s"] / max(1, st["suffix_rows"]), 0.0]
+    per_q = [(P, dt / n) for P, n, dt in st["suffix_times"]]       # (prefix, questions in the pass, s)
+    suffix_fit = fit_linear(per_q) if len(per_q) >= 3 else [st["suffix_s"] / max(1, st["suffix_rows"]), 0.0]
     points = [(p["slots"], p["length"], p["decode_s"] / p["steps"]) for p in st["pools"] if p["steps"] >= 20]
     points += [(1, 4096, compiled_b1 / 1000), (32, 4096, step_32 / 1000), (8, 32768, step_8_32k / 1000)]
     step_fit = fit_step(points)

@@ -2,6 +2,7 @@
 
 - ``batching``: ``Engine``, plain batches under a token budget, with failures isolated per sample
   (OOM halving, then one by one);
+- ``prefixes``: cutting prompts into a shared prefix and a suffix, and the state of a decoding question;
 - ``scheduler``: ``PrefixEngine``, for local HF models: groups questions by shared prefix, computes each
   prefix once, packs a group's further questions into one pass, and keeps a slot pool decoding;
 - ``kv_pool``: ``SlotPool``, per-slot KV memory, slot bookkeeping, compaction and the CUDA graphs;

@@ -137,3 +137,34 @@ def step(pool: Any, S: int) -> Any:
     wr.add_(live)
     pos.add_(live)
     return logits
+
+
+def prefix_forward(be: Any, first: Any, image: Any) -> tuple[Any, int, int, Any]:
+    """The model's own forward over a group's first question's whole prompt: the shared prefix's cache
+    (a ``DynamicCache``), its length ``P``, the image's rope delta, and that question's first-token
+    logits, in one pass."""
+    import torch
+    from transformers import DynamicCache
+
+    from .prefixes import _cache_kw
+
+    model = be.model
+    if image is None:    # already tokenized by the split: no second pass through the processor
+        ids = torch.tensor([first.prefix_ids + first.suffix_ids], device=be.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        inputs = be.processor(text=[be.chat_text(first.req.messages)], images=[image], return_tensors="pt").to(be.device)
+    P = inputs["input_ids"].shape[1] - len(first.suffix_ids)
+    inner = getattr(model, "model", model)
+    if hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = model(**inputs, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+    delta = 0
+    if image is not None:
+        rd = getattr(inner, "rope_deltas", None)
+        if rd is None:
+            raise RuntimeError("the model did not expose rope_deltas for an image prefix")
+        delta = int(rd.reshape(-1)[0].item())
+    return cache, P, delta, logits

@@ -1,65 +1,32 @@
-"""Shared-prefix KV reuse: compute each (task prompt + table [+ image]) prefix once, then decode all of
-its questions together from copies of that cache.
+"""The scheduler: which question gets a slot when, and which pool a group decodes in.
 
-Questions on one table share every token up to the question (DESIGN.md §3), so the prefix is cut at the
-last token boundary before the question text, checked to tokenize identically on its own. Requests whose
-prefix cannot be split cleanly, or whose group fails, fall back to the plain batched engine, so the
+Groups (questions sharing a prefix, ``prefixes``) run longest first. A group's prefix is computed once
+by the model's own forward (its first question rides along), its further questions are prefilled in
+packed passes over it (``runner.prefill_group``), and decode steps run whenever a question finds no
+free slot. A failure falls back to the plain batched engine for the questions it touched, so the
 guarantees of ``Engine`` (failure isolation, the OOM split) still hold.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from ..backends.base import GenRequest, GenResult, GenSettings
-from .kv_pool import SlotPool, bucket_length, kv_bytes_per_token
-from .batching import Engine, free_memory, release_frames
-from .sampling import generator, pick
 from ..errors import status_of
+from . import runner
+from .batching import Engine, free_memory, release_frames
+from .kv_pool import SlotPool, bucket_length, kv_bytes_per_token
+from .prefixes import _Group, _Row, _Split, _cache_kw, _cap, split  # noqa: F401 - _cache_kw re-exported
+from .sampling import generator, pick
 
 log = logging.getLogger("hitbench")
 
 
-def _cache_kw(model: Any) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both spellings."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-@dataclass
-class _Split:
-    req: GenRequest
-    prefix_text: str
-    suffix_ids: list[int]
-    key: str
-    prefix_len: int
-    prefix_ids: list[int]
-
-
-@dataclass
-class _Group:
-    prefix_text: str
-    image: Any
-    prefix_len: int
-    members: list[_Split] = field(default_factory=list)
-
-    def need(self, settings: GenSettings) -> int:
-        """KV positions the longest question of the group can reach: prefix, suffix, answer."""
-        return self.prefix_len + max(len(m.suffix_ids) + _cap(m, settings) for m in self.members) + 1
-
-
 class PrefixEngine(Engine):
     """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``SlotPool``.
-
-    Groups run longest first. Each group's prefix is computed once by the model's own forward, copied
-    into a free slot per question, and each question's suffix is prefilled there. Decode steps run
-    whenever the next question finds no free slot. A group that needs longer slots than the pool has
-    waits for the pool to drain, then gets a pool sized for it; the pool's slot count follows free memory.
-    """
+    A group that needs longer slots than the pool has, or much shorter ones, waits for the pool to drain
+    (counted as drain steps), then gets a pool sized for it; the slot count follows free memory."""
 
     def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,6 +34,7 @@ class PrefixEngine(Engine):
         self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
         self.pool: SlotPool | None = None
         self.rows: dict[int, _Row] = {}
+        self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
         self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
                       "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [], "capture_s": 0.0, "moves": 0,
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
@@ -248,37 +216,12 @@ class PrefixEngine(Engine):
         log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
 
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
-        """The model's own forward over the first question's whole prompt: the shared prefix's cache,
-        and that question's first-token logits, in one pass."""
-        import torch
-        from transformers import DynamicCache
-
-        be, model, first = self.backend, self.backend.model, g.members[0]
         t0 = time.perf_counter()
-        if g.image is None:    # already tokenized by the split: no second pass through the processor
-            ids = torch.tensor([first.prefix_ids + first.suffix_ids], device=be.device)
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        else:
-            inputs = be.processor(text=[be.chat_text(first.req.messages)], images=[g.image],
-                                  return_tensors="pt").to(be.device)
-        P = inputs["input_ids"].shape[1] - len(first.suffix_ids)
-        inner = getattr(model, "model", model)
-        if hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None
-        cache = DynamicCache()
-        with torch.no_grad():
-            logits = model(**inputs, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
-        delta = 0
-        if g.image is not None:
-            rd = getattr(inner, "rope_deltas", None)
-            if rd is None:
-                raise RuntimeError("the model did not expose rope_deltas for an image prefix")
-            delta = int(rd.reshape(-1)[0].item())
-        _sync(be.device)
-        self.stats["groups"] += 1
-        self.stats["prefix_tokens"] += P
+        cache, P, delta, logits = runner.prefix_forward(self.backend, g.members[0], g.image)
+        _sync(self.backend.device)
         dt = time.perf_counter() - t0
-        self.stats["prefill_s"] += dt
+        for k, v in (("groups", 1), ("prefix_tokens", P), ("prefill_s", dt)):
+            self.stats[k] += v
         self.stats["prefix_times"].append((P, round(dt, 4)))
         return cache, P, delta, logits
 
@@ -287,36 +230,13 @@ class PrefixEngine(Engine):
         groups: dict[str, _Group] = {}
         plain: list[GenRequest] = []
         for r in requests:
-            s = self._split(r)
+            s = split(self.backend, r, self._tokenized)
             if s is None:
                 plain.append(r)
                 continue
             g = groups.setdefault(s.key, _Group(s.prefix_text, r.image, s.prefix_len))
             g.members.append(s)
         return groups, plain
-
-    def _split(self, r: GenRequest) -> _Split | None:
-        if not r.share_from:
-            return None
-        be = self.backend
-        text = be.chat_text(r.messages)
-        cut = text.rfind(r.share_from)
-        if cut <= 0:
-            return None
-        enc = be.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offs = enc["input_ids"], enc["offset_mapping"]
-        k = next((i for i, (_, end) in enumerate(offs) if end > cut), len(ids))
-        for _ in range(4):  # the cut must tokenize the same on its own
-            if k <= 0:
-                return None
-            prefix_text = text[:offs[k - 1][1]]
-            if be.tokenizer(prefix_text, add_special_tokens=False)["input_ids"] == ids[:k]:
-                img = b"" if r.image is None else hashlib.sha1(r.image.tobytes()).digest() + repr(r.image.size).encode()
-                key = hashlib.sha1(prefix_text.encode() + b"\0" + img).hexdigest()
-                extra = max(0, (r.input_tokens or 0) - len(ids)) if r.image is not None else 0  # image tokens
-                return _Split(r, prefix_text, ids[k:], key, k + extra, ids[:k])
-            k -= 1
-        return None
 
     # ---- decoding -----------------------------------------------------------------------------------
     def _step(self, settings: GenSettings, drain: bool = False) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[str]]]:
@@ -371,33 +291,6 @@ class PrefixEngine(Engine):
 SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its block mask: 4 x 4096 x 4096 bools on the 8B)
 PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
 RESERVE_BYTES = 2 * 2**30
-
-
-@dataclass
-class _Row:
-    split: _Split
-    n_input: int
-    cap: int
-    t0: float
-    max_time: float | None
-    tokens: list[int] = field(default_factory=list)
-    timed_out: bool = False
-
-    def add(self, tok: int, eos: Any, now: float | None = None) -> bool:
-        """Take one sampled token; True when the row is finished."""
-        if tok in eos:
-            return True
-        self.tokens.append(tok)
-        if len(self.tokens) >= self.cap:
-            return True
-        if self.max_time and now is not None and now - self.t0 > self.max_time:
-            self.timed_out = True
-            return True
-        return False
-
-
-def _cap(m: _Split, settings: GenSettings) -> int:
-    return min(settings.max_new_tokens, m.req.max_new_tokens or settings.max_new_tokens)
 
 
 def _sync(device: str) -> None:
