@@ -61,7 +61,7 @@ def do_prepare(n_tables: int, seed: int) -> None:
             over = len(tok.apply_chat_template(p.messages(table=""), tokenize=True, add_generation_prompt=True))
             suffix = len(tok(p.suffix, add_special_tokens=False)["input_ids"])
             prompt = min(100_000, over + tt)
-            rows.append({"id": q.id, "file": q.file_name, "group": f"{q.file_name}|{t.system(q)[:40]}",
+            rows.append({"id": q.id, "file": q.file_name, "group": f"{q.file_name}|{t.share_key(q)}",
                          "prompt_tokens": prompt, "prefix_tokens": prompt - suffix, "out": lengths.get(q.id, MEDIAN_OUT),
                          "out_scripted": q.id in lengths})
         meta[f"text_{fmt}"] = rows
@@ -139,7 +139,9 @@ def simulate_decode(rows: list[dict], step: list[float], free_bytes: float, per_
 
 
 def project(rows: list[dict], coef: list[float], suffix_fit: list[float], decode: dict) -> dict:
-    """A full run from the measured parts: each prefix once (the fitted prefill time), the suffix of
+    """A PROJECTION, not a measurement (bench/e2e_gpu.py measures the run path; this leaves out preparing
+    prompts). A full run from the measured parts, grouped by the template's share key as the engine
+    groups: each prefix once (the fitted prefill time), the suffix of
     every question after a group's first (fitted on its prefix length: the copy and the attention grow
     with it), and the simulated decode (fitted step cost)."""
     groups = defaultdict(list)
@@ -321,7 +323,8 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
     coef = fit_prefill(st["prefix_times"])
     step_s = st["decode_s"] / max(1, st["decode_steps"])
     occupancy = st["decode_rows"] / max(1, st["decode_steps"])
-    suffix_fit = fit_linear(st["suffix_times"]) if len(st["suffix_times"]) >= 3 else [st["suffix_s"] / max(1, st["suffix_rows"]), 0.0]
+    per_q = [(P, dt / n) for P, n, dt in st["suffix_times"]]       # (prefix, questions in the pass, s)
+    suffix_fit = fit_linear(per_q) if len(per_q) >= 3 else [st["suffix_s"] / max(1, st["suffix_rows"]), 0.0]
     points = [(p["slots"], p["length"], p["decode_s"] / p["steps"]) for p in st["pools"] if p["steps"] >= 20]
     points += [(1, 4096, compiled_b1 / 1000), (32, 4096, step_32 / 1000), (8, 32768, step_8_32k / 1000)]
     step_fit = fit_step(points)
@@ -356,6 +359,7 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
         "engine_stats": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items() if not k.endswith("_times")},
         "prefix_times": st["prefix_times"], "suffix_times": st["suffix_times"],
         "projected_minutes": {k: v["minutes"] for k, v in projected.items()}, "projection": projected,
+        "projection_note": "fits applied to every prompt, not a measured run; bench/e2e_gpu.py measures the run path",
         "seed_style_projected_hours_text_html": round(seed_per_query * len(meta["text_html"]) / 3600, 2),
         "failures": failures, "outputs_equal_scripted": seed_out == eng_out == out_tokens,
     }

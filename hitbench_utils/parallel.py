@@ -75,7 +75,7 @@ def claim_order(queries: list[Any], data_path: Path, fmt: str | None, templates:
 
     def system(q: Any) -> str:
         try:
-            return templates.system(q)
+            return templates.share_key(q)    # the system prompt and whatever precedes the table
         except ConfigError:          # the query's own record says so when it runs
             return ""
 

@@ -114,7 +114,7 @@ def make_engine(backend: Any, cfg: Any) -> Any:
 
         return RemoteEngine(backend, backend.concurrency)
     if cfg.share_prefix and caps.shared_prefix:
-        from ..prefix_engine import PrefixEngine
+        from ..engine import PrefixEngine
 
         return PrefixEngine(backend, cfg.batch_size, cfg.token_budget)
     return Engine(backend, cfg.batch_size, cfg.token_budget)

@@ -12,9 +12,9 @@ import logging
 import time
 from typing import Iterable, Iterator
 
-from .backends.base import Backend, GenRequest, GenResult, GenSettings
-from .errors import status_of
-from .records import Degradation
+from ..backends.base import Backend, GenRequest, GenResult, GenSettings
+from ..errors import status_of
+from ..records import Degradation
 
 log = logging.getLogger("hitbench")
 
@@ -78,7 +78,7 @@ def default_token_budget(device: str) -> int:
 class Engine:
     def __init__(self, backend: Backend, batch_size: int = 4, token_budget: int | None = None) -> None:
         if int(batch_size) < 1:
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError("batch_size", batch_size, "an integer ≥ 1")
         if token_budget is None:
@@ -93,10 +93,8 @@ class Engine:
 
     def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
                    ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
-        """``run`` over chunks that arrive while earlier ones still generate; an engine that keeps work
-        in flight takes the next chunk before finishing the last. An empty chunk means "nothing new yet,
-        more may come" (the caller is waiting on results it will answer with new requests): this engine
-        holds nothing between chunks, so it just asks again."""
+        """``run`` over chunks that arrive while earlier ones still generate (a rank's claims); an
+        engine that keeps work in flight takes the next chunk before finishing the last."""
         for requests in chunks:
             yield from self.run(requests, settings)
 

@@ -1,0 +1,73 @@
+"""Exactness of the engine's packed group prefill in bf16 on the GPU (DESIGN.md §7: with random weights,
+compare logits within a tolerance, not tokens).
+
+For the questions of one sampled table, the first-token logits of three paths are compared with one
+plain forward of each whole prompt: the engine's (the prefix through the model's own forward, then all
+further questions in one ``prefill_group`` pass), and HF's own split (the prefix's ``DynamicCache``,
+then the question's suffix through the model's forward). The tolerance is 1.5x HF's own difference
+plus 1/16.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+
+def logits_check(backend, root: Path, meta: dict, max_prompt: int = 16_000) -> dict:
+    import torch
+
+    from hitbench_utils import data as D
+    from hitbench_utils.backends.base import GenRequest
+    from hitbench_utils.engine import PrefixEngine
+    from hitbench_utils.engine.kv_pool import SlotPool, bucket_length
+    from hitbench_utils.engine.scheduler import _cache_kw
+    from hitbench_utils.prompts import build_prompt, load_templates
+
+    t = load_templates("default")
+    data = root / "data"
+    qs = D.load_queries(data / "QA_html.json")
+    by_file: dict[str, list] = {}
+    for q in qs:
+        by_file.setdefault(q.file_name, []).append(q)
+    model, kw = backend.model, _cache_kw(backend.model)
+    for f, group in sorted(by_file.items(), key=lambda kv: -len(kv[1])):
+        table = D.read_table(data, "html", f)
+        reqs = []
+        for q in group[:6]:
+            p = build_prompt(t, q, "text", "html", table)
+            reqs.append(GenRequest(q.id, p.messages(), None, None, share_from=p.suffix))
+        eng = PrefixEngine(backend, batch_size=4)
+        groups, plain = eng._group(reqs)
+        if plain or len(groups) != 1:
+            continue
+        g = next(iter(groups.values()))
+        if g.prefix_len + 400 > max_prompt or len(g.members) < 3:
+            continue
+        with torch.no_grad():
+            full = [model(input_ids=torch.tensor([m.prefix_ids + m.suffix_ids], device=backend.device),
+                          logits_to_keep=1).logits[0, -1].float() for m in g.members]
+            cache, P, delta, first = eng._prefix(g)
+            need = P + max(len(m.suffix_ids) for m in g.members) + 2
+            pool = SlotPool(model, len(g.members), bucket_length(need), backend.device, graphs=False)
+            slots = [pool.take() for _ in g.members[1:]]
+            ours = [first.float()] + list(pool.prefill_group(slots, cache, P, [m.suffix_ids for m in g.members[1:]],
+                                                             P).float())
+            hf = []
+            for m in g.members:
+                c = copy.deepcopy(cache)
+                c.crop(P)
+                ids = torch.tensor([m.suffix_ids], device=backend.device)
+                pos = torch.arange(P, P + ids.shape[1], device=backend.device)[None]
+                hf.append(model(input_ids=ids, **{kw: c}, position_ids=pos, use_cache=True,
+                                logits_to_keep=1).logits[0, -1].float())
+        rows = []
+        for m, a, o, h in zip(g.members, full, ours, hf):
+            d_ours, d_hf = float((o - a).abs().max()), float((h - a).abs().max())
+            rows.append({"id": m.req.key, "max_abs_logit": round(float(a.abs().max()), 3), "engine_diff": round(d_ours, 4),
+                         "hf_split_diff": round(d_hf, 4), "within": d_ours <= 1.5 * d_hf + 1 / 16,
+                         "argmax_same": int(o.argmax()) == int(a.argmax())})
+        del pool, cache
+        return {"table": f, "prefix_tokens": P, "questions": len(rows), "packed_suffixes": len(slots),
+                "all_within": all(r["within"] for r in rows), "rows": rows,
+                "tolerance": "engine diff <= 1.5 x HF's own split diff + 1/16, against one plain forward"}
+    return {"skipped": f"no sampled table with 3+ questions under {max_prompt} tokens"}

@@ -1,0 +1,265 @@
+"""Issue 15: end-to-end speed through the notebook's own run path, against the seed-style loop.
+
+    python bench/e2e_gpu.py --prepare                 # here (CPU): seeded samples of whole tables -> .device/e2e
+    python bench/e2e_gpu.py --out bench/results       # on one GPU, .device/ sent along
+    python bench/e2e_gpu.py --smoke                   # a CPU check of the same path (tiny model, 2 tables)
+
+Each setting (text_html with the default templates, text_html with ``prompts="instruction-first"``,
+text_latex) runs ``Job(...).execute()`` on a run folder, as the notebook does, with the 8B architecture
+(random bf16 weights, real Qwen BPE). Output lengths are scripted per id from the real model's answers
+(``output_tokens.json``, clipped to max_new_tokens=1024; the median, 13, for ids it lacks) through
+``Job.request_hook``. The sample is a seeded uniform random sample of whole tables (every question on
+each), at least 60 tables and 300 questions per format. The seed-style loop (batch 1, sequential,
+eager ``generate``, the same prompts: ``share_prefix=False, batch_size=1`` through the same ``Job``)
+runs in the same call on a seeded uniform sub-sample of the questions. Wall time excludes model build
+(stated apart) and includes everything ``execute`` does: preparing prompts, generation, the run log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import INPUTS, build_random_8b, device_name, prepare, realhitbench_dir, shared_dir  # noqa: E402
+
+ROOT = INPUTS / "e2e"
+MAX_NEW, MEDIAN_OUT = 1024, 13
+SETTINGS = {"text_latex": ("latex", "default"), "text_html": ("html", "default"),
+            "text_html_instruction_first": ("html", "instruction-first")}
+EXT = {"html": "html", "latex": "txt"}
+
+
+def do_prepare(min_tables: int, min_questions: int, seed_questions: int, seed: int) -> None:
+    """Whole tables drawn uniformly (seeded) from those each format can run, until both minimums hold."""
+    from hitbench_utils import data as D
+
+    data = realhitbench_dir()
+    qs = D.load_queries(data / "QA_final.json")
+    raw = json.loads((shared_dir() / "bench" / "output_tokens.json").read_text())
+    if ROOT.exists():
+        shutil.rmtree(ROOT)
+    meta: dict = {"seed": seed, "max_new_tokens": MAX_NEW, "median_out": MEDIAN_OUT, "formats": {}}
+    for fmt in ("html", "latex"):
+        ok: dict[str, bool] = {}
+        for q in qs:
+            if q.file_name not in ok:
+                try:
+                    D.read_table(data, fmt, q.file_name)
+                    ok[q.file_name] = True
+                except Exception:  # noqa: BLE001 - missing or an LFS stub: a full run makes error records there
+                    ok[q.file_name] = False
+        by_file: dict[str, list] = defaultdict(list)
+        for q in qs:
+            if ok[q.file_name]:
+                by_file[q.file_name].append(q)
+        order = sorted(by_file)
+        random.Random(seed).shuffle(order)
+        chosen, n = [], 0
+        for f in order:
+            if len(chosen) >= min_tables and n >= min_questions:
+                break
+            chosen.append(f)
+            n += len(by_file[f])
+        ids = sorted(q.id for f in chosen for q in by_file[f])
+        scripted = {int(k): min(int(v), MAX_NEW) for k, v in raw[f"text_{fmt}"].items()}
+        lengths = {i: scripted.get(i, MEDIAN_OUT) for i in ids}
+        seed_ids = sorted(random.Random(seed + 1).sample(ids, min(seed_questions, len(ids))))
+        by_id = {q.id: q.raw for q in qs}
+        prepare(files={fmt: [f"{f}.{EXT[fmt]}" for f in chosen]}, qa={f"QA_{fmt}.json": [by_id[i] for i in ids]},
+                root=ROOT)
+        meta["formats"][fmt] = {"tables": len(chosen), "questions": len(ids), "ids": ids, "seed_style_ids": seed_ids,
+                                "lengths": lengths, "missing_lengths": sum(i not in scripted for i in ids),
+                                "full_questions": sum(len(v) for v in by_file.values()),
+                                "full_tables": len(by_file), "output_tokens": sum(lengths.values())}
+        print(f"{fmt}: {len(ids)} questions on {len(chosen)} tables (of {len(by_file)} tables, "
+              f"{meta['formats'][fmt]['full_questions']} questions), {meta['formats'][fmt]['missing_lengths']} ids "
+              f"without a scripted length (median {MEDIAN_OUT}), {sum(lengths.values())} output tokens; "
+              f"seed-style sub-sample {len(seed_ids)}")
+    (ROOT / "meta.json").write_text(json.dumps(meta))
+
+
+def run_job(backend, fmt: str, prompts: str, ids: list[int], lengths: dict, run_dir: Path, seed_style: bool,
+            smoke: bool) -> dict:
+    """One ``Job.execute`` on a fresh run folder; its wall time, engine stats and per-record times."""
+    from hitbench_utils.config import RunConfig
+    from hitbench_utils.run import Job
+    from hitbench_utils.runlog import read_log, view
+
+    def script(req):
+        req.max_new_tokens = min(lengths.get(str(req.key), MEDIAN_OUT), 8 if smoke else MAX_NEW)
+        return req
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = RunConfig(data_path=str(ROOT / "data"), qa_file=str(ROOT / "data" / f"QA_{fmt}.json"), format=fmt,
+                    prompts=prompts, run_dir=str(run_dir), max_new_tokens=MAX_NEW, max_reasks=0, score=False,
+                    device="cpu" if smoke else "cuda", ids=ids, share_prefix=not seed_style,
+                    batch_size=1 if seed_style else 4, max_input_tokens=8_000 if smoke else 100_000)
+    job = Job(cfg, backend=backend, progress=False, request_hook=script)
+    sync()
+    t0 = time.perf_counter()
+    summary = job.execute()
+    sync()
+    wall = time.perf_counter() - t0
+    recs = list(view(read_log(run_dir).records).values())
+    out = {"wall_s": round(wall, 2), "verdict": summary["verdict"], "records": len(recs),
+           "ok": sum(r["status"] == "ok" for r in recs), "output_tokens": sum(r.get("output_tokens") or 0 for r in recs),
+           "prepare_s": round(sum(r.get("prepare_s") or 0 for r in recs), 2),
+           "input_tokens": sum(r.get("input_tokens_sent") or 0 for r in recs),
+           "truncated": sum(bool(r.get("truncated")) for r in recs)}
+    st = getattr(job.engine, "stats", None)
+    if st:
+        out["engine"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
+                         if not isinstance(v, list)}
+        out["engine"]["pools"] = st["pools"]
+        out["engine"]["largest_suffix_passes"] = sorted(st["suffix_times"], key=lambda x: -x[2])[:5]
+    return out
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None) -> dict:
+    e = eng.get("engine", {})
+    parts = {"prefill": e.get("prefill_s", 0), "suffixes": e.get("suffix_s", 0), "decode": e.get("decode_s", 0),
+             "capture": e.get("capture_s", 0), "preparation_wait": eng["prepare_s"]}
+    parts["other"] = round(eng["wall_s"] - sum(parts.values()), 2)
+    q = eng["records"]
+    res = {"questions": q, "tables": fmt_meta["tables"], "wall_s": eng["wall_s"],
+           "full_questions": fmt_meta["full_questions"],
+           "full_run_min": round(eng["wall_s"] * fmt_meta["full_questions"] / q / 60, 2),
+           "breakdown": {k: round(v, 2) for k, v in parts.items()},
+           "prefill_tok_s": round(e["prefix_tokens"] / e["prefill_s"]) if e.get("prefill_s") else None,
+           "prefix_groups": e.get("groups"), "prefix_tokens": e.get("prefix_tokens"),
+           "rows_per_step": e.get("rows_per_step"), "drain_step_share": e.get("drain_step_share"),
+           "drain_s": e.get("drain_s"), "decode_steps": e.get("decode_steps"),
+           "verdict": eng["verdict"], "ok": eng["ok"], "output_tokens": eng["output_tokens"],
+           "input_tokens": eng["input_tokens"], "engine_run": eng}
+    if seed:
+        res.update(seed_style_s=seed["wall_s"], seed_style_questions=seed["records"],
+                   ratio_vs_seed_style=round((seed["wall_s"] / seed["records"]) / (eng["wall_s"] / q), 2),
+                   seed_style_run=seed)
+    return res
+
+
+def matmul_ceiling() -> dict:
+    """bf16 8192^3 matmul, median of 20 timed with events after warm-up, on random data."""
+    import torch
+
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    t = statistics.median(times)
+    flops = 2 * n ** 3 / t
+    # one prefill token of the 8B costs about 2 x 8.2B (text weights) FLOP, attention aside
+    return {"matmul_8192_tflops": round(flops / 1e12, 1), "prefill_tok_s_ceiling_at_16_4_gflop": round(flops / 16.4e9)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", action="store_true")
+    ap.add_argument("--tables", type=int, default=60)
+    ap.add_argument("--questions", type=int, default=300)
+    ap.add_argument("--seed-questions", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--seed-style", default=",".join(SETTINGS), help="settings that also run the seed-style loop")
+    ap.add_argument("--seed-only", default="", help="settings whose engine run is skipped (measured in an earlier call)")
+    ap.add_argument("--no-checks", action="store_true", help="skip the matmul ceiling and the logits check")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--work", default="/tmp/e2e_bench")
+    a = ap.parse_args()
+    if a.prepare:
+        do_prepare(a.tables, a.questions, a.seed_questions, a.seed)
+        return 0
+    import torch
+    import transformers
+
+    meta = json.loads((ROOT / "meta.json").read_text())
+    t0 = time.time()
+    if a.smoke:
+        from hitbench_utils.backends.hf import HFBackend
+        from hitbench_utils.backends.tiny import tiny_model_dir
+
+        backend = HFBackend(tiny_model_dir(), device="cpu")
+    else:
+        backend, _ = build_random_8b(INPUTS / "qwen2")
+    build_s = time.time() - t0
+    device = device_name() + (" (smoke: tiny model, CPU)" if a.smoke else "")
+    result = {"device": device, "date": time.strftime("%Y-%m-%d"), "model_build_s": round(build_s, 1),
+              "settings": {"model": "Qwen3-VL-8B architecture, random bf16 weights, real Qwen BPE",
+                           "torch": torch.__version__, "transformers": transformers.__version__,
+                           "attn_implementation": "sdpa", "max_new_tokens": MAX_NEW, "max_input_tokens": 100_000,
+                           "max_reasks": 0, "score": False, "greedy": True,
+                           "sample": f"seeded (seed {meta['seed']}) uniform random sample of whole tables, every "
+                                     f"question on each, >= {a.tables} tables and >= {a.questions} questions per format",
+                           "output_lengths": f"scripted per id from output_tokens.json, clipped to {MAX_NEW}; the "
+                                             f"median ({MEDIAN_OUT}) for ids it lacks (count per format below)",
+                           "seed_style": "the same Job with share_prefix=False, batch_size=1: batch 1, sequential, "
+                                         "eager generate, the same prompts, on a seeded uniform sub-sample",
+                           "full_run_min": "wall_s x full questions / sample questions / 60 (conservative: each "
+                                           "slot pool's last long answers are a fixed cost)"},
+              "missing_lengths": {f: m["missing_lengths"] for f, m in meta["formats"].items()}}
+    if not a.smoke and not a.no_checks:
+        result["ceiling"] = matmul_ceiling()
+        from bench.e2e_exact import logits_check
+
+        result["exactness_bf16"] = logits_check(backend, ROOT, meta)
+    stem = f"e2e-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "") + a.tag
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work)
+    for name in a.settings.split(","):
+        fmt, prompts = SETTINGS[name]
+        m = meta["formats"][fmt]
+        ids = m["ids"][:12] if a.smoke else m["ids"]
+        lengths = {str(k): v for k, v in m["lengths"].items()}
+        if name in a.seed_only.split(","):
+            sids = m["seed_style_ids"]
+            seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke)
+            result[name + "_seed_style_only"] = seed
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+            print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
+            continue
+        eng = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke)
+        print(name, "engine", json.dumps({k: v for k, v in eng.items() if k != "engine"}), flush=True)
+        result[name] = setting_result(name, m, eng, None)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later step dies
+        seed = None
+        if name in a.seed_style.split(","):
+            sids = m["seed_style_ids"][:3] if a.smoke else m["seed_style_ids"]
+            seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke)
+            print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
+        result[name] = setting_result(name, m, eng, seed)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later setting dies
+        r = result[name]
+        print(f"== {name}: {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run {r['full_run_min']} min; "
+              f"ratio {r.get('ratio_vs_seed_style')}; breakdown {r['breakdown']}; prefill {r['prefill_tok_s']} tok/s",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The generation engine.
+
+- ``batching``: ``Engine``, plain batches under a token budget, with failures isolated per sample
+  (OOM halving, then one by one);
+- ``prefixes``: cutting prompts into a shared prefix and a suffix, and the state of a decoding question;
+- ``scheduler``: ``PrefixEngine``, for local HF models: groups questions by shared prefix, computes each
+  prefix once, packs a group's further questions into one pass, and keeps a slot pool decoding;
+- ``kv_pool``: ``SlotPool``, per-slot KV memory, slot bookkeeping, compaction and the CUDA graphs;
+- ``runner``: the passes over that memory (slot prefill, packed group prefill, the decode step);
+- ``attention``: norms, rotary embedding, fused projections and split-key attention;
+- ``sampling``: greedy or top-k / top-p picking.
+
+Both engines take ``(backend, batch_size, token_budget)`` and offer ``run(requests, settings)`` and
+``run_stream(chunks, settings)``, which yield ``(request, GenResult | exception, degradation steps)``.
+In a stream an empty chunk means "nothing new now, more may come": the engine advances the work it has
+in flight by one decode step (yielding what finishes) before it asks for the next chunk.
+"""
+from .batching import Engine, default_token_budget, free_memory, plan_batches, release_frames
+from .scheduler import PrefixEngine
+
+__all__ = ["Engine", "PrefixEngine", "default_token_budget", "free_memory", "plan_batches", "release_frames"]

@@ -1,0 +1,311 @@
+"""The scheduler: which question gets a slot when, and which pool a group decodes in.
+
+Groups (questions sharing a prefix, ``prefixes``) run longest first. A group's prefix is computed once
+by the model's own forward (its first question rides along), its further questions are prefilled in
+packed passes over it (``runner.prefill_group``), and decode steps run whenever a question finds no
+free slot. A failure falls back to the plain batched engine for the questions it touched, so the
+guarantees of ``Engine`` (failure isolation, the OOM split) still hold.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Iterator
+
+from ..backends.base import GenRequest, GenResult, GenSettings
+from ..errors import status_of
+from ..records import Degradation
+from . import runner
+from .batching import Engine, free_memory, release_frames
+from .kv_pool import SlotPool, bucket_length, kv_bytes_per_token
+from .prefixes import _Group, _Row, _Split, _cache_kw, _cap, split  # noqa: F401 - _cache_kw re-exported
+from .sampling import generator, pick
+
+log = logging.getLogger("hitbench")
+
+
+class PrefixEngine(Engine):
+    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``SlotPool``.
+    A group that needs longer slots than the pool has, or much shorter ones, waits for the pool to drain
+    (counted as drain steps), then gets a pool sized for it; the slot count follows free memory."""
+
+    def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_slots = max_slots
+        self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
+        self.pool: SlotPool | None = None
+        self.rows: dict[int, _Row] = {}
+        self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
+        self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
+                      "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [], "capture_s": 0.0, "moves": 0,
+                      "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
+                      "prefix_times": [], "suffix_times": []}
+
+    def run(self, requests: list[GenRequest], settings: GenSettings
+            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        yield from self.run_stream([requests], settings)
+
+    def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        """The next chunk is taken once the last one's questions all have slots, while they decode: the
+        pool drains only when the slot length changes, not at every chunk's end. With a drain per claim,
+        two H100 ranks spent 174 s decoding what one GPU decoded in 103 s (bench/README.md)."""
+        self._gen, self._settings = generator(settings, self.backend.device), settings
+        try:
+            for requests in chunks:
+                if not requests:     # nothing new now, more may come: advance the work in flight
+                    if self.rows and self.pool is not None:
+                        yield from self._step(settings)
+                    continue
+                groups, plain = self._group(requests)
+                if plain:
+                    if self.pool is not None:
+                        yield from self._drop_pool(settings)
+                    yield from Engine.run(self, plain, settings)
+                for g in sorted(groups.values(), key=lambda g: -g.need(settings)):
+                    yield from self._run_group(g, settings)
+            yield from self._drain(settings)
+        finally:
+            self.pool, self.rows = None, {}
+            st = self.stats
+            st["rows_per_step"] = round(st["decode_rows"] / st["decode_steps"], 2) if st["decode_steps"] else None
+            st["drain_step_share"] = round(st["drain_steps"] / st["decode_steps"], 3) if st["decode_steps"] else None
+            free_memory()
+
+    def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        yield from self._drain(settings)
+        self.pool = None
+        free_memory()
+
+    def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings
+                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        release_frames(e)
+        if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
+            yield from self._drop_pool(settings)
+        free_memory()
+        log.warning("shared-prefix work on %d question(s) failed (%s): falling back to plain batches",
+                    len(members), type(e).__name__)
+        for r, res, steps in super().run([m.req for m in members], settings):
+            yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
+
+    def _run_group(self, g: "_Group", settings: GenSettings
+                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        admitted = []
+        for m in g.members:              # the backend may refuse a question (fault injection): it alone falls back
+            try:
+                self.backend.admit([m.req])
+                admitted.append(m)
+            except Exception as e:  # noqa: BLE001
+                yield from self._fallback([m], e, settings)
+        g.members = admitted
+        if not admitted:
+            return
+        need = g.need(settings)
+        if self.pool is not None and (need > self.pool.length or bucket_length(need) < self.pool.length):
+            yield from self._drop_pool(settings)
+        t_group = time.perf_counter()
+        try:
+            cache, P, delta, first_logits = self._prefix(g)
+        except Exception as e:  # noqa: BLE001
+            if status_of(e) != "oom" or self.pool is None:
+                yield from self._fallback(g.members, e, settings)
+                return
+            release_frames(e)
+            yield from self._drop_pool(settings)     # the pool's memory is what the prefix lacked
+            try:
+                cache, P, delta, first_logits = self._prefix(g)
+            except Exception as e2:  # noqa: BLE001
+                yield from self._fallback(g.members, e2, settings)
+                return
+        if P != g.prefix_len:     # an image prefix: the processor's count is the real one
+            g.prefix_len = P
+            need = g.need(settings)
+            if self.pool is not None and need > self.pool.length:
+                yield from self._drop_pool(settings)
+        if self.pool is None:
+            try:
+                self._new_pool(need, P)
+            except Exception as e:  # noqa: BLE001 - e.g. no memory for even one slot of this length
+                del cache
+                yield from self._fallback(g.members, e, settings)
+                return
+        first, rest = g.members[0], g.members[1:]
+        while self.pool is not None and not self.pool.free:
+            yield from self._step(settings)
+        if self.pool is None:      # a failure dropped the pool: this group runs plain
+            yield from self._plain(g.members, settings)
+            return
+        slot = self.pool.take()        # the first question's suffix rode along in the prefix forward
+        n = P + len(first.suffix_ids)
+        self.pool.load_prefix(slot, cache, n)
+        self.pool.place(slot, n, n + delta)
+        yield from self._start([first], [slot], pick(first_logits[None].float(), settings, self._gen).tolist(), t_group)
+        while rest:
+            while self.pool is not None and not self.pool.free:
+                yield from self._step(settings)
+            if self.pool is None:
+                yield from self._plain(rest, settings)
+                break
+            k, tokens = 0, 0
+            while k < min(len(rest), len(self.pool.free)) and (k == 0 or tokens + len(rest[k].suffix_ids) <= SUFFIX_TOKENS):
+                tokens += len(rest[k].suffix_ids)
+                k += 1
+            batch, rest = rest[:k], rest[k:]
+            yield from self._suffixes(batch, cache, P, delta, settings)
+        del cache
+
+    def _plain(self, members: list[_Split], settings: GenSettings
+               ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        for r, res, steps in Engine.run(self, [x.req for x in members], settings):
+            yield r, res, [Degradation("prefix_fallback", "a decode failure dropped the pool")] + steps
+
+    def _suffixes(self, batch: list[_Split], cache: Any, P: int, delta: int, settings: GenSettings
+                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        """Further questions of a group in one packed pass over its prefix; a failed pass of several
+        retries them one by one, so only a question that fails alone falls back to plain batches."""
+        slots = [self.pool.take() for _ in batch]
+        t0 = time.perf_counter()
+        try:
+            logits = self.pool.prefill_group(slots, cache, P, [m.suffix_ids for m in batch], P + delta)
+            toks = pick(logits.float(), settings, self._gen).tolist()
+            _sync(self.backend.device)
+        except Exception as e:  # noqa: BLE001
+            for slot in slots:
+                self.pool.release(slot)
+            if len(batch) == 1:
+                yield from self._fallback(batch, e, settings)
+                return
+            release_frames(e)
+            free_memory()
+            for m in batch:
+                if self.pool is None:
+                    yield from self._plain([m], settings)
+                else:
+                    yield from self._suffixes([m], cache, P, delta, settings)
+            return
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st["suffix_passes"] += 1
+        st["suffix_rows"] += len(batch)
+        st["suffix_tokens"] += sum(len(m.suffix_ids) for m in batch)
+        st["suffix_s"] += dt
+        st["suffix_times"].append((P, len(batch), round(dt, 4)))
+        yield from self._start(batch, slots, toks, t0)
+
+    def _start(self, batch: list[_Split], slots: list[int], toks: list[int], t0: float
+               ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        """Rows for questions whose prompt is in their slots, each with its first token."""
+        for m, slot, tok in zip(batch, slots, toks):
+            row = _Row(m, self.pool.n[slot], _cap(m, self._settings), t0, self._settings.max_time)
+            self.rows[slot] = row
+            if row.add(tok, self.backend.eos_ids):
+                yield self._finish(slot)
+            else:
+                self.pool.start(slot, tok)
+
+    def _new_pool(self, need: int, prefix_len: int) -> None:
+        free_memory()        # the prefix's activations go back before free memory is read
+        length, per_tok = bucket_length(need), kv_bytes_per_token(self.backend.model)
+        dev = str(self.backend.device)
+        if dev.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(dev))
+            # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
+            # their activations need about as much again
+            room = free - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
+        else:
+            room = self.token_budget * 8 * per_tok
+        slots = min(self.max_slots, int(room // (length * per_tok)))
+        if slots < 1:
+            from ..errors import SampleOOM
+
+            raise SampleOOM(f"no room for one {length}-token decode slot ({room / 2**30:.1f} GiB left)")
+        self.pool = SlotPool(self.backend.model, slots, length, dev, self.graphs)
+        self.stats["pools"].append({"slots": slots, "length": length, "capture_s": 0.0, "graphs": 0, "steps": 0,
+                                    "rows": 0, "decode_s": 0.0})
+        log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
+
+    def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
+        t0 = time.perf_counter()
+        cache, P, delta, logits = runner.prefix_forward(self.backend, g.members[0], g.image)
+        _sync(self.backend.device)
+        dt = time.perf_counter() - t0
+        for k, v in (("groups", 1), ("prefix_tokens", P), ("prefill_s", dt)):
+            self.stats[k] += v
+        self.stats["prefix_times"].append((P, round(dt, 4)))
+        return cache, P, delta, logits
+
+    # ---- splitting prompts into prefix + suffix ------------------------------------------------------
+    def _group(self, requests: list[GenRequest]) -> tuple[dict[str, _Group], list[GenRequest]]:
+        groups: dict[str, _Group] = {}
+        plain: list[GenRequest] = []
+        for r in requests:
+            s = split(self.backend, r, self._tokenized)
+            if s is None:
+                plain.append(r)
+                continue
+            g = groups.setdefault(s.key, _Group(s.prefix_text, r.image, s.prefix_len))
+            g.members.append(s)
+        return groups, plain
+
+    # ---- decoding -----------------------------------------------------------------------------------
+    def _step(self, settings: GenSettings, drain: bool = False) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        pool = self.pool
+        t0 = time.perf_counter()
+        captured = pool.capture_s
+        try:
+            moves = pool.compact()
+            if moves:
+                self.rows = {moves.get(s, s): r for s, r in self.rows.items()}
+            logits = pool.step()
+            picks = pick(logits.float(), settings, self._gen)
+            pool.tok[:len(picks)].copy_(picks)
+            toks = picks.tolist()
+        except Exception as e:  # noqa: BLE001 - every running question falls back to the plain engine
+            rows = [self.rows.pop(s).split for s in list(self.rows)]
+            self.pool = None
+            yield from self._fallback(rows, e, settings)
+            return
+        capture = pool.capture_s - captured         # a step size's first use captures its graph
+        dt = time.perf_counter() - t0 - capture
+        for d in (self.stats, self.stats["pools"][-1]):
+            d["decode_s"] += dt
+            d["capture_s"] += capture
+        self.stats["moves"] += len(moves)
+        self.stats["pools"][-1]["graphs"] = len(pool.graphs)
+        self.stats["decode_steps"] += 1
+        if drain:            # no question can enter: the pool's last (long) answers step on their own
+            self.stats["drain_steps"] += 1
+            self.stats["drain_s"] += dt
+        self.stats["pools"][-1]["steps"] += 1
+        self.stats["decode_rows"] += len(self.rows)
+        self.stats["pools"][-1]["rows"] += len(self.rows)
+        now = time.perf_counter()
+        for slot in list(self.rows):
+            if self.rows[slot].add(toks[slot], self.backend.eos_ids, now):
+                yield self._finish(slot)
+
+    def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+        while self.rows and self.pool is not None:
+            yield from self._step(settings, drain=True)
+
+    def _finish(self, slot: int) -> tuple[GenRequest, GenResult, list[Degradation]]:
+        row = self.rows.pop(slot)
+        self.pool.release(slot)
+        text = self.backend.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        res = GenResult(text=text, output_tokens=len(row.tokens), input_tokens=row.n_input,
+                        seconds=time.perf_counter() - row.t0, timed_out=row.timed_out)
+        return row.split.req, res, []
+
+
+SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its block mask: 4 x 4096 x 4096 bools on the 8B)
+PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
+RESERVE_BYTES = 2 * 2**30
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
