@@ -89,6 +89,7 @@ def test_kill_after_n_answers_loses_only_the_samples_in_flight(tmp_path, sample_
     served, run_dir = kill_after(tmp_path, data, 150, params)
     records = read_log(run_dir).records
     bound = served / (1 + max_reasks) - in_flight
+    print(f"kill -9 ({engine}): {served} answers served, {len(records)} records kept, bound {bound:.1f}")
     assert len(records) >= bound, (engine, served, len(records), bound)
     assert all(r["status"] == "ok" and r["reasks"] == max_reasks for r in records)   # final samples only
     # the resume completes the rest; every id once, nothing logged before is lost or redone
