@@ -43,13 +43,15 @@ class Flow:
             out.append(pol.first())
         return out
 
-    def source(self, groups: Iterable[list[Prepared]]) -> Iterator[list[GenRequest]]:
+    def source(self, groups: Iterable[list[Prepared]], chunk: int = 1) -> Iterator[list[GenRequest]]:
+        """Each pull: what the policies sent back, then new groups until the pull holds ``chunk`` requests
+        (the engine's own unit: a batch for plain batching, one group where the engine keeps slots)."""
         it = iter(groups)
         exhausted = False
         while True:
             out = list(self.queue)
             self.queue.clear()
-            while not exhausted and not out:
+            while not exhausted and len(out) < chunk:
                 group = next(it, None)
                 if group is None:
                     exhausted = True
@@ -76,7 +78,7 @@ def generate(engine: Any, settings: GenSettings, groups: Iterable[list[Prepared]
              sink: Callable[[SampleRecord], None]) -> None:
     """Run every prepared sample to its final record; the sink gets each one as soon as it is final."""
     flow = Flow(refit, sink)
-    for req, res, steps in engine.run_stream(flow.source(groups), settings):
+    for req, res, steps in engine.run_stream(flow.source(groups, engine.chunk), settings):
         flow.outcome(req, res, steps)
     if flow.live:       # an engine that dropped requests would otherwise lose them silently
         raise RuntimeError(f"the engine ended with {len(flow.live)} sample(s) unanswered: ids {sorted(flow.live)[:20]}")

@@ -21,6 +21,8 @@ EMPTY_PULLS_LIMIT = 10_000     # a caller that says "wait" with nothing in fligh
 
 
 class RemoteEngine:
+    chunk = 1           # it pulls whenever a place is free
+
     def __init__(self, backend: Any, concurrency: int) -> None:
         self.backend, self.concurrency = backend, max(1, int(concurrency))
         self.stats = {"requests": 0, "max_in_flight": 0}

@@ -74,6 +74,6 @@ def test_a_run_with_errors_left_to_retry_fails_the_papermill_command(tmp_path):
     """The exit status a script can trust: max_attempts left on an error record means 'resume', not done."""
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), progress_bar=False,
-                            parameters=dict(run_dir=str(tmp_path / "r"), limit=4, max_reasks=0, max_new_tokens=2,
+                            parameters=dict(run_dir=str(tmp_path / "r"), limit=4, max_reasks=0, max_new_tokens=8,
                                             max_time_per_sample=1e-9))
     assert e.value.ename == "RunFailed" and "still to run or retry" in e.value.evalue

@@ -136,6 +136,7 @@ class SlotEngine:
 
     answers: dict[int, list[Any]]
     slots: int = 3
+    chunk = 1
 
     def __post_init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
@@ -198,6 +199,8 @@ def test_a_sample_that_failed_preparation_is_final_before_any_generation():
 
 def test_an_engine_that_drops_a_request_is_an_error_not_a_silent_loss():
     class Dropping:
+        chunk = 1
+
         def run_stream(self, chunks, settings):
             for chunk in chunks:
                 if chunk:

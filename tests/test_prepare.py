@@ -20,7 +20,7 @@ def preparer(sample_data, tiny_backend, **kw) -> tuple[Preparer, list]:
 
 
 def test_forked_workers_prepare_exactly_what_the_run_process_prepares(sample_data, tiny_backend):
-    prep, queries = preparer(sample_data, tiny_backend, max_input_tokens=600)     # small: truncation happens
+    prep, queries = preparer(sample_data, tiny_backend, format="csv", max_input_tokens=450)   # truncation happens
     groups = [[(q, 1) for q in queries[i:i + 5]] for i in range(0, len(queries), 5)]
     here = [p for g in prepare_stream(prep, groups, workers=0) for p in g]
     forked = [p for g in prepare_stream(prep, groups, workers=2, ahead=3) for p in g]

@@ -444,6 +444,6 @@ def test_each_finished_batch_is_on_disk_before_the_next_batch_starts(tmp_path, s
 
     spy = DiskSpy(tiny_backend, tmp_path / "run" / LOG_NAME)
     cfg = RunConfig(data_path=str(sample_data), run_dir=str(tmp_path / "run"), format="csv", max_new_tokens=4,
-                    max_reasks=0, batch_size=1, limit=4, dtype="float32", device="cpu", score=False)
+                    max_reasks=0, batch_size=1, limit=4, dtype="float32", device="cpu", score=False, share_prefix=False)
     Job(cfg, backend=spy, progress=False).execute()
     assert spy.on_disk == [0, 1, 2, 3], spy.on_disk

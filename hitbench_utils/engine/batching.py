@@ -85,6 +85,11 @@ class Engine:
             token_budget = default_token_budget(str(getattr(backend, "device", "cpu")))
         self.backend, self.batch_size, self.token_budget = backend, int(batch_size), int(token_budget)
 
+    @property
+    def chunk(self) -> int:
+        """Requests this engine wants per pull of a stream: a batch (it holds nothing between pulls)."""
+        return self.batch_size
+
     def run(self, requests: list[GenRequest], settings: GenSettings
             ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         """Yield (request, result or the exception it ended with, degradation steps) as batches finish."""

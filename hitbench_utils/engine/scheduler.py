@@ -41,6 +41,11 @@ class PrefixEngine(Engine):
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
                       "prefix_times": [], "suffix_times": []}
 
+    @property
+    def chunk(self) -> int:
+        """One prefix group per pull: the slots keep decoding across pulls, and re-asks get in at once."""
+        return 1
+
     def run(self, requests: list[GenRequest], settings: GenSettings
             ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         yield from self.run_stream([requests], settings)
