@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import traceback as tb
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .data import Query
@@ -18,6 +18,7 @@ class SampleRecord:
     question_type: str
     sub_qtype: str
     file_name: str
+    table_file: str | None = None          # the file stem read for the table/image: <file_name>_swap for SC
     status: str = "ok"                     # ok | oom | truncation | missing_input | exception | timeout
     attempt: int = 1                       # 1-based attempt number for this id
     error: str | None = None
@@ -48,6 +49,7 @@ class SampleRecord:
     score_status: str | None = None                # scored | unscored | error | missing_input | not_run
     score_error: str | None = None
     score_detail: dict | None = None               # chart error/artifacts, judge model...
+    structure: dict | None = None                  # SC only: pair, both protocols (scoring/structure.py)
     logged_at: float | None = None                 # unix time the log got it (orders the ranks' logs)
 
     @classmethod
@@ -65,3 +67,34 @@ class SampleRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_TYPES = {"int": (int,), "str": (str,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,),
+          "None": (type(None),)}
+
+
+def _allowed(annotation: str) -> tuple[type, ...]:
+    out: tuple[type, ...] = ()
+    for part in annotation.split("|"):
+        out += _TYPES[part.strip().split("[")[0]]
+    return out
+
+
+_FIELD_TYPES = {f.name: (str(f.type), _allowed(str(f.type))) for f in fields(SampleRecord)}
+
+
+def record_type_problem(obj: dict) -> str | None:
+    """Why a log line cannot be a SampleRecord (a field of the wrong type, e.g. ``"attempt": "two"``), or None.
+    Fields the record does not define (``rescored_at``, ...) are not checked."""
+    for name, value in obj.items():
+        spec = _FIELD_TYPES.get(name)
+        if spec is None:
+            continue
+        annotation, allowed = spec
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            return f"field {name!r} is {value!r} ({type(value).__name__}); a record needs {annotation}"
+    return None

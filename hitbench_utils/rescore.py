@@ -12,11 +12,14 @@ from pathlib import Path
 
 from .runlog import RunLock, RunLog, read_log, view
 
-SCORE_KEYS = ("scores", "score_status", "score_error")
+SCORE_KEYS = ("scores", "score_status", "score_error", "structure", "reference")
 
 
 def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: bool = False, judge=None,
-                chart_timeout: float = 20, write: bool = True, data_path: str | None = None) -> dict:
+                chart_timeout: float = 20, write: bool = True, data_path: str | None = None,
+                structure_reference: str | None = None) -> dict:
+    """Rescore the run folder's latest records; Structure Comprehending ones get both protocols again
+    (``structure_reference`` switches the chosen one; None keeps the run's)."""
     from .scoring import rescore_records, scoring_provenance
 
     run_dir = Path(run_dir)
@@ -27,7 +30,8 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
     latest = list(view(contents.records).values())
     t0 = time.time()
     new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts"), judge=judge,
-                          chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers)
+                          chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers,
+                          structure_reference=structure_reference)
     changed = [(a, b) for a, b in zip(latest, new) if any(a.get(k) != b.get(k) for k in SCORE_KEYS)]
     report = {"run_dir": str(run_dir), "records": len(latest), "changed": len(changed), "seconds": round(time.time() - t0, 2),
               "changed_ids": [b["id"] for _, b in changed][:50], "provenance": scoring_provenance(chart_compat=chart_compat, judge=judge)}

@@ -24,6 +24,7 @@ from .prompts import Prompt, build_prompt, extract_answer, load_templates, reask
 from .records import SCHEMA_VERSION, SampleRecord
 from .runlog import LOCK_NAME, LOG_NAME, RunLock, RunLog, attempts, ensure_run_dir, rank_log_name, runnable
 from .status import summarize, write_plan
+from .pairing import StructureTracker, fill_structure, plan_structure
 
 log = logging.getLogger("hitbench")
 
@@ -93,6 +94,8 @@ class Job:
         self.queries = D.select(D.load_queries(self.qa_path), ids=cfg.ids, limit=cfg.limit,
                                 question_type=cfg.question_type)
         self.templates = load_templates(cfg.prompts)
+        self.structure = plan_structure(self.qa_path, tables=cfg.structure_tables, reference=cfg.structure_reference,
+                                        pair_qa_file=cfg.pair_qa_file, data_path=self.data_path)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else cfg.default_run_dir(self.runs_root)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -198,6 +201,8 @@ class Job:
                 handler.close()
 
     def _finish(self, runlog: RunLog, t_start: float) -> dict:
+        if self.config.score:
+            fill_structure(runlog, self.config.structure_reference)   # SC consistency, also on resume
         runlog.close()
         summary = summarize(self.run_dir)
         self._write_results(summary, time.time() - t_start)
@@ -225,24 +230,28 @@ class Job:
         by_id = {q.id: q for q in self.queries}
         bar = tqdm(total=total, desc=f"{self.config.modality}_{self.config.fmt or 'png'}", disable=not self.progress)
         prepared = ([self._prepare(by_id[i], tries.get(i, 0) + 1) for i in ids] for ids, tries in chunks)
+        sc = StructureTracker(runlog.contents.records, self.config.structure_reference, self.config.score)
         for rec in self._generate(engine, prepared):       # chunks are claimed and prepared as the engine asks
             t0 = time.perf_counter()
             self._score(rec)
             rec.score_s = round(time.perf_counter() - t0, 6)
-            runlog.append(rec.to_dict())
+            for r in sc.observe(rec.to_dict()):            # SC: both references; originals fill waiting SC
+                runlog.append(r)
             bar.update(1)
         bar.close()
 
     def _prepare(self, q: D.Query, attempt: int) -> Prepared:
         """Read inputs, build and truncate the prompt; a failure here is already the record."""
         rec = SampleRecord.start(q, attempt)
+        self.structure.start(rec, q)                # SC: the _swap table, the pair, the gold reference
         t0 = time.perf_counter()
         p = Prepared(rec, build_prompt(self.templates, q, self.config.modality, self.config.fmt or "html", ""))
         try:
             if self.config.fmt:
-                p.table = D.read_table(self.data_path, self.config.fmt, q.file_name)
+                p.table = D.read_table(self.data_path, self.config.fmt, rec.table_file, self.config.table_encoding,
+                                       rec.degraded)
             if self.config.modality in ("image", "mix"):
-                original = D.load_image(self.image_dir, q.file_name)
+                original = D.load_image(self.image_dir, rec.table_file)
                 p.image = fit_image(original, self.config.min_pixels, self.config.max_pixels)
                 rec.image_size, rec.image_size_sent = list(original.size), list(p.image.size)
                 rec.image_tokens = self.backend.image_tokens(p.image)
@@ -407,10 +416,13 @@ class Job:
             return None
         if not hasattr(self, "_judge"):
             from .scoring import Judge
+            from .scoring.judge_table import JudgeTables
 
             self._judge = Judge(self.config.judge_base_url, self.config.judge_model,
                                 api_key_env=self.config.judge_api_key_env,
-                                cache_path=str(self.run_dir / "judge_cache.jsonl"))
+                                cache_path=str(self.run_dir / "judge_cache.jsonl"),
+                                tables=JudgeTables(self.data_path, self.config.fmt, self.config.judge_max_table_tokens,
+                                                   self.config.table_encoding))
         return self._judge
 
     def _score(self, rec: SampleRecord) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import FingerprintMismatch, RunExistsError, RunLockedError, RunLogError
+from .records import record_type_problem
 
 LOG_NAME = "samples.jsonl"
 LOCK_NAME = ".lock"
@@ -78,7 +79,11 @@ def read_file(path: Path) -> LogContents:
             header = obj
         elif (isinstance(obj, dict) and isinstance(obj.get("id"), int) and not isinstance(obj["id"], bool)
               and isinstance(obj.get("status"), str)):
-            records.append(obj)
+            problem = record_type_problem(obj)
+            if problem:
+                bad.append((n, problem))
+            else:
+                records.append(obj)
         else:
             bad.append((n, "not a sample record"))
     return LogContents(header, records, bad, torn, raw.rfind(b"\n") + 1, [header] if header else [])
