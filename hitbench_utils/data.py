@@ -61,8 +61,9 @@ def resolve_qa_file(data_path: str | os.PathLike, qa_file: str | os.PathLike) ->
     return cand
 
 
-def load_queries(path: str | os.PathLike) -> list[Query]:
-    """Parse and validate a whole QA file up front, so a bad item fails the run before any work."""
+def load_queries(path: str | os.PathLike, warn: bool = True) -> list[Query]:
+    """Parse and validate a whole QA file up front, so a bad item fails the run before any work
+    (``warn``: log unknown QuestionTypes; off for a second read of the same file)."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -99,7 +100,7 @@ def load_queries(path: str | os.PathLike) -> list[Query]:
             unknown.setdefault(qtype, []).append(qid)
         out.append(Query(qid, str(it["FileName"]), str(it["Question"]), qtype,
                          str(it["SubQType"] or ""), _as_text(it["ProcessedAnswer"]), it))
-    for qtype, ids in unknown.items():
+    for qtype, ids in unknown.items() if warn else ():
         log.warning("%s: %d question(s) have the unknown QuestionType %r (ids %s); they get the default prompt "
                     "and their scores are kept apart (aggregates' unknown_question_types); known: %s", path, len(ids),
                     qtype, ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else ""), ", ".join(QUESTION_TYPES))

@@ -120,7 +120,7 @@ def plan_structure(qa_path: str | os.PathLike, *, tables: str = "swap", referenc
     check_choice("structure_tables", tables, STRUCTURE_TABLES)
     check_choice("structure_reference", reference, STRUCTURE_REFERENCES)
     qa_path = Path(qa_path)
-    own = load_queries(qa_path)
+    own = load_queries(qa_path, warn=False)
     sc = [q for q in own if is_structure(q)]
     plan = StructurePlan(tables, reference, {}, qa_path.name)
     if not sc:
@@ -130,7 +130,7 @@ def plan_structure(qa_path: str | os.PathLike, *, tables: str = "swap", referenc
         plan.pairs = {q.id: Pair(None, "", PAIR_QA_FILE, f"no {PAIR_QA_FILE} beside {qa_path.name} to pair it "
                                  "through; pass pair_qa_file") for q in sc}
         return plan
-    originals = own if src.resolve() == qa_path.resolve() else load_queries(src)
+    originals = own if src.resolve() == qa_path.resolve() else load_queries(src, warn=False)
     plan.pairs = pair_questions(sc, originals, src.name)
     return plan
 
