@@ -422,7 +422,7 @@ class Job:
                                 api_key_env=self.config.judge_api_key_env,
                                 cache_path=str(self.run_dir / "judge_cache.jsonl"),
                                 tables=JudgeTables(self.data_path, self.config.fmt, self.config.judge_max_table_tokens,
-                                                   self.config.table_encoding))
+                                                   self.config.table_encoding, _fast_tokenizer(self.backend)))
         return self._judge
 
     def _score(self, rec: SampleRecord) -> None:
@@ -449,6 +449,13 @@ class Job:
             scoring = scoring_provenance(chart_compat=False, judge=self.judge())
         write_results(self.run_dir, config=self.config.to_dict(), summary=summary, seconds=seconds,
                       backend_info=getattr(self.backend, "info", None), scoring=scoring)
+
+
+def _fast_tokenizer(backend: Any) -> Any:
+    """The model's tokenizer when it is a fast (Rust-backed) one: the judge's table is cut with it."""
+    tok = getattr(backend, "tokenizer", None)
+    bt = getattr(tok, "backend_tokenizer", None) or tok
+    return tok if hasattr(bt, "encode_batch") else None
 
 
 def _with_reask(messages: list[dict], reask: str) -> list[dict]:

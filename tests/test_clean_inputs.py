@@ -87,6 +87,15 @@ def test_non_utf8_table_is_an_error_record_naming_file_and_offset(data, tmp_path
 
 
 def test_real_gbk_latex_tables_need_table_encoding(real_data):
+    bad = []
+    for fmt, ext in D.FORMAT_EXT.items():
+        for p in sorted((real_data / fmt).glob(f"*.{ext}")):
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(p)
+                p.read_bytes().decode("gb18030")                     # all of them are GB18030
+    assert len(bad) == 13 and {p.parent.name for p in bad} == {"latex"}     # the README's count
     with pytest.raises(D.MissingInputError, match=r"labor-table54.txt is not valid UTF-8 at byte offset 277"):
         D.read_table(real_data, "latex", "labor-table54")
     notes: list[str] = []
@@ -178,6 +187,15 @@ def test_judge_table_is_cut_to_its_budget_at_row_boundaries(sample_data):
     assert text == cut and detail["judge_table"]["budget"] == 200 and detail["judge_table"]["file"] == "html/sales-sample01"
     none, detail = JudgeTables(sample_data, "html", 0)({"file_name": "sales-sample01"})
     assert none is None and detail == {"judge_table": None}
+
+
+def test_judge_table_cut_is_token_exact_with_a_tokenizer(real_data, qwen_tokenizer):
+    from hitbench_utils.truncation import count_tokens
+
+    table = D.read_table(real_data, "html", "economy-table14_swap")
+    text, info = cut_for_judge(table, "html", 16_000, qwen_tokenizer)
+    assert info["truncated"] and info["tokens_original"] > 16_000 and info["counted"] == "tokenizer"
+    assert count_tokens(qwen_tokenizer, text) == info["tokens"] <= 16_000 and "rows omitted" in text
 
 
 def test_judge_prompt_includes_the_table(sample_data):

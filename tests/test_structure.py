@@ -183,6 +183,11 @@ def test_run_reads_swap_tables_and_fills_consistency_when_the_original_finishes(
     assert res["aggregates"]["by_type"][SC]["EM"] == 100.0 and res["aggregates"]["paper"]["SC protocol"] == "consistency"
     latest = view(read_log(tmp_path / "run").records)
     assert all(latest[i]["structure"]["gold"]["score_status"] == "scored" for i in sc_ids)
+    from hitbench_utils.__main__ import main
+
+    assert main(["rescore", str(tmp_path / "run"), "--structure-reference", "gold"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["aggregates"]["structure"]["protocol"] == "gold" == res["aggregates"]["by_type"][SC]["protocol"]
 
 
 def test_missing_swap_table_is_missing_input_naming_it(paired, tmp_path, tiny_backend):
