@@ -116,7 +116,10 @@ class StructurePlan:
 def plan_structure(qa_path: str | os.PathLike, *, tables: str = "swap", reference: str = "gold",
                    pair_qa_file: str | os.PathLike | None = None, data_path: str | os.PathLike | None = None
                    ) -> StructurePlan:
-    """Pair every SC question of ``qa_path`` (the whole file, not the selection) with its original."""
+    """Pair every SC question of ``qa_path`` (the whole file, not the selection) with its original: within
+    the file itself first (QA_long.json's SC questions repeat its own questions, so the consistency reference
+    comes from the same run), then through ``pair_qa_file`` or QA_final.json beside it (QA_structure.json's).
+    An explicit ``pair_qa_file`` is used for every SC question."""
     check_choice("structure_tables", tables, STRUCTURE_TABLES)
     check_choice("structure_reference", reference, STRUCTURE_REFERENCES)
     qa_path = Path(qa_path)
@@ -125,13 +128,16 @@ def plan_structure(qa_path: str | os.PathLike, *, tables: str = "swap", referenc
     plan = StructurePlan(tables, reference, {}, qa_path.name)
     if not sc:
         return plan
-    src = find_pair_file(qa_path, pair_qa_file, Path(data_path) if data_path else None)
-    if src is None:
-        plan.pairs = {q.id: Pair(None, "", PAIR_QA_FILE, f"no {PAIR_QA_FILE} beside {qa_path.name} to pair it "
-                                 "through; pass pair_qa_file") for q in sc}
-        return plan
-    originals = own if src.resolve() == qa_path.resolve() else load_queries(src, warn=False)
-    plan.pairs = pair_questions(sc, originals, src.name)
+    plan.pairs = {} if pair_qa_file else pair_questions(sc, own, qa_path.name)
+    rest = [q for q in sc if q.id not in plan.pairs or plan.pairs[q.id].original_id is None]
+    src = find_pair_file(qa_path, pair_qa_file, Path(data_path) if data_path else None) if rest else None
+    if src is not None and (pair_qa_file or src.resolve() != qa_path.resolve()):
+        other = pair_questions(rest, load_queries(src, warn=False), src.name)
+        plan.pairs.update({i: p for i, p in other.items() if p.original_id is not None or i not in plan.pairs})
+    elif rest and src is None:
+        why = (f"no question of another type in {qa_path.name} repeats it, and there is no {PAIR_QA_FILE} "
+               "beside it; pass pair_qa_file")
+        plan.pairs.update({q.id: Pair(None, gold_answer(q.raw, q.reference), qa_path.name, why) for q in rest})
     return plan
 
 

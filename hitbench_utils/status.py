@@ -34,7 +34,8 @@ def read_plan(path: Path) -> dict:
         raise RunLogError(f"{path} is not valid UTF-8 (byte offset {e.start}). {fix}") from None
     except json.JSONDecodeError as e:
         raise RunLogError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). {fix}") from None
-    ids, ma = plan.get("ids") if isinstance(plan, dict) else None, plan.get("max_attempts", 3) if isinstance(plan, dict) else None
+    plan = plan if isinstance(plan, dict) else {"ids": None}
+    ids, ma = plan.get("ids"), plan.get("max_attempts", 3)
     if (not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids)
             or isinstance(ma, bool) or not isinstance(ma, int)):
         raise RunLogError(f"{path} (line 1) is not a plan: it needs \"ids\", a list of integers, and "

@@ -78,6 +78,18 @@ def test_qa_structure_pairs_through_qa_final_beside_it(real_data, tmp_path):
     assert given.pairs[1].original_id == 31
 
 
+def test_qa_long_sc_questions_pair_within_their_own_file(real_data):
+    plan = plan_structure(real_data / "QA_long.json")
+    qs = {q.id: q for q in D.load_queries(real_data / "QA_long.json")}
+    sc = [q for q in qs.values() if q.question_type == SC]
+    assert len(sc) == 34 and all(plan.pairs[q.id].pair_qa_file == "QA_long.json" for q in sc)
+    for q in sc:
+        o = qs[plan.pairs[q.id].original_id]
+        assert (o.file_name, o.question) == (q.file_name, q.question) and o.question_type != SC
+        assert plan.describe(q)["pair_in_run"] is True
+    assert sum(D.table_path(real_data, "html", plan.input_name(q)).is_file() for q in sc) == 10
+
+
 # ---- pure scoring: both protocols on the record ---------------------------------------------------
 def _sc_record(**kw) -> dict:
     st = {"protocol": "gold", "tables": "swap", "table_file": "t_swap", "pair_id": 5, "pair_qa_file": "QA_final.json",

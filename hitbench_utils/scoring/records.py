@@ -135,7 +135,8 @@ def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifa
         return by_id.get(st.get("pair_id")) if isinstance(st, dict) and st.get("pair_in_run") else None
 
     def one(record: dict) -> dict:
-        fields = score_record(record, xlsx_path=xlsx_path_for(data_path, record.get("table_file") or record.get("file_name")),
+        xlsx = xlsx_path_for(data_path, record.get("table_file") or record.get("file_name"))
+        fields = score_record(record, xlsx_path=xlsx,
                               artifacts_dir=artifacts_dir, judge=judge, chart_timeout=chart_timeout,
                               chart_compat=chart_compat, original=original_of(record),
                               structure_reference=structure_reference)
