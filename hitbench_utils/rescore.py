@@ -27,7 +27,7 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
     if contents.header is None:
         raise FileNotFoundError(f"{run_dir} holds no run (no samples.jsonl header). Fix: pass a run folder")
     data_path = data_path or contents.header.get("data_path")
-    latest = list(view(contents.records).values())
+    latest = _attach_structure(list(view(contents.records).values()), contents.header, structure_reference)
     t0 = time.time()
     new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts"), judge=judge,
                           chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers,
@@ -49,6 +49,30 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
         write_results(run_dir, config=prev.get("config", contents.header.get("config", {})), summary=summarize(run_dir),
                       seconds=0.0, backend_info=prev.get("backend"), scoring=report["provenance"])
     return report
+
+
+def _attach_structure(records: list[dict], header: dict, reference: str | None) -> list[dict]:
+    """Records of runs made before SC pairing (no ``structure`` field) get one, so rescore scores them under
+    both protocols: those runs asked SC questions on the original tables, which the field then says."""
+    if not any(r.get("question_type") == "Structure Comprehending" and "structure" not in r for r in records):
+        return records
+    from .data import Query
+    from .pairing import plan_structure
+
+    fp = header.get("fingerprint") or {}
+    try:
+        plan = plan_structure(header.get("qa_path") or "", tables=fp.get("structure_tables") or "original",
+                              reference=reference or "gold", data_path=header.get("data_path"))
+    except Exception:  # noqa: BLE001 - the QA file moved: keep the records as they are
+        return records
+    out = []
+    for r in records:
+        if r.get("question_type") == "Structure Comprehending" and "structure" not in r:
+            q = Query(int(r["id"]), str(r.get("file_name") or ""), str(r.get("question") or ""), str(r["question_type"]),
+                      str(r.get("sub_qtype") or ""), str(r.get("reference") or ""))
+            r = dict(r, structure=plan.describe(q), table_file=r.get("file_name"))
+        out.append(r)
+    return out
 
 
 def format_rescore(r: dict) -> str:

@@ -218,3 +218,33 @@ def test_missing_swap_table_is_missing_input_naming_it(paired, tmp_path, tiny_ba
     Job(cfg, backend=tiny_backend, progress=False).execute()
     r = view(read_log(tmp_path / "run2").records)[sc]
     assert r["status"] == "ok" and r["table_file"] == name and r["structure"]["tables"] == "original"
+
+
+def test_rescore_gives_old_runs_sc_records_both_protocols(paired, tmp_path, tiny_backend):
+    """A run folder from before SC pairing: no structure field, SC asked on the original tables."""
+    data, pairs = paired
+    oracle = OracleBackend(tiny_backend, D.load_queries(data / "QA_final.json"))
+    for sc, orig in pairs.items():
+        oracle.answers[sc] = oracle.answers[orig]
+    ids = sorted(pairs) + sorted(set(pairs.values()))
+    cfg = RunConfig(data_path=str(data), run_dir=str(tmp_path / "run"), format="csv", device="cpu", ids=ids,
+                    max_reasks=0, structure_tables="original")
+    Job(cfg, backend=oracle, progress=False).execute()
+    log = tmp_path / "run" / "samples.jsonl"
+    old = []
+    for n, line in enumerate(log.read_text().splitlines()):
+        obj = json.loads(line)
+        if n == 0:
+            obj["fingerprint"].pop("structure_tables", None)
+        elif obj["question_type"] == SC:
+            obj.pop("structure"), obj.pop("table_file")
+            obj.update(reference="", scores={}, score_status="unscored", score_error="the reference answer is empty")
+        old.append(json.dumps(obj))
+    log.write_text("\n".join(old) + "\n")
+    rescore_run(tmp_path / "run")
+    latest = view(read_log(tmp_path / "run").records)
+    for sc, orig in pairs.items():
+        st = latest[sc]["structure"]
+        assert st["tables"] == "original" and st["pair_id"] == orig
+        assert st["gold"]["scores"]["EM"] == 100.0 and st["consistency"]["scores"]["EM"] == 100.0
+        assert latest[sc]["score_status"] == "scored" and latest[sc]["reference"] == st["gold"]["reference"]
