@@ -69,25 +69,25 @@ class SampleRecord:
         return asdict(self)
 
 
-_TYPES = {"int": (int,), "str": (str,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,),
-          "None": (type(None),)}
+_ANNOTATION_TYPES = {"int": (int,), "str": (str,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+                     "list": (list,), "None": (type(None),)}
 
 
 def _allowed(annotation: str) -> tuple[type, ...]:
     out: tuple[type, ...] = ()
     for part in annotation.split("|"):
-        out += _TYPES[part.strip().split("[")[0]]
+        out += _ANNOTATION_TYPES[part.strip().split("[")[0]]
     return out
 
 
-_FIELD_TYPES = {f.name: (str(f.type), _allowed(str(f.type))) for f in fields(SampleRecord)}
+_FIELD_ANNOTATIONS = {f.name: (str(f.type), _allowed(str(f.type))) for f in fields(SampleRecord)}
 
 
 def record_type_problem(obj: dict) -> str | None:
     """Why a log line cannot be a SampleRecord (a field of the wrong type, e.g. ``"attempt": "two"``), or None.
     Fields the record does not define (``rescored_at``, ...) are not checked."""
     for name, value in obj.items():
-        spec = _FIELD_TYPES.get(name)
+        spec = _FIELD_ANNOTATIONS.get(name)
         if spec is None:
             continue
         annotation, allowed = spec
