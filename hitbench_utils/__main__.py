@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--judge-model", default=None)
     r.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
     r.add_argument("--dry-run", action="store_true", help="compare only; write nothing")
+    r.add_argument("--structure-reference", choices=("gold", "consistency"), default=None,
+                   help="the SC protocol the run's numbers use (default: the one it was run with); both are stored")
+    r.add_argument("--judge-max-table-tokens", type=int, default=16_000,
+                   help="the table in the judge's prompt is cut to this many tokens (0: no table)")
     rd = sub.add_parser("render", help="draw table PNGs from the xlsx (html fallback) for a dataset without images")
     rd.add_argument("--data", required=True, help="the RealHiTBench folder (read only)")
     rd.add_argument("--out", required=True, help="the image folder to write (pass it as image_dir to runs)")
@@ -58,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     if a.cmd == "status":
+        from .errors import HitbenchError
         from .status import format_status, summarize
 
         worst = 0
         for d in a.run_dirs:
-            s = summarize(d)
+            try:
+                s = summarize(d)
+            except HitbenchError as e:      # a damaged run file: say which and where, no traceback
+                print(f"run folder:  {d}\nerror: {e}", file=sys.stderr)
+                worst = 2
+                continue
             print(json.dumps(s, indent=1, default=str) if a.json else format_status(s))
             worst = max(worst, 0 if s["verdict"].startswith("complete") else 1)
         return worst
@@ -86,14 +96,21 @@ def main(argv: list[str] | None = None) -> int:
 
             from .scoring import Judge
 
+            from .runlog import read_log
+            from .scoring.judge_table import JudgeTables
+
+            head = read_log(a.run_dir).header or {}
+            conf = head.get("config") or {}
+            tables = JudgeTables(head.get("data_path") or ".", None if conf.get("modality") == "image" else conf.get("format"),
+                                 a.judge_max_table_tokens, conf.get("table_encoding"))
             judge = Judge(a.judge_base_url, a.judge_model, api_key_env=a.judge_api_key_env,
-                          cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"))
+                          cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"), tables=tables)
             if a.dry_run:  # read the cache, never append to it
                 judge._load_cache()
                 judge.cache_path = None
         print(format_rescore(rescore_run(a.run_dir, workers=a.workers, chart_compat=a.chart_compat, judge=judge,
                                          write=not a.dry_run, chart_allow_unsealed=a.chart_allow_unsealed,
-                                         progress=True)))
+                                         progress=True, structure_reference=a.structure_reference)))
         return 0
     if a.cmd == "render":
         from .render_all import format_render, render_dataset

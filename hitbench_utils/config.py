@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import FORMAT_EXT, FORMATS, MODALITIES, QUESTION_TYPES, check_choice, file_sha256, parse_ids
+from .data import FORMAT_EXT, FORMATS, MODALITIES, QUESTION_TYPES, check_choice, check_encoding, file_sha256, parse_ids
 from .errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -62,6 +62,13 @@ class RunConfig:
     judge_base_url: str | None = None     # an OpenAI-compatible server for Summary/Anomaly Analysis
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_max_table_tokens: int = 16_000  # the table in the judge's prompt is cut to this (its own budget)
+    # Structure Comprehending: asked on <FileName>_swap ("swap") or, for ablations, the original table;
+    # scored against the paired original's answer ("gold") or the model's own answer to it ("consistency").
+    structure_tables: str = "swap"
+    structure_reference: str = "gold"
+    pair_qa_file: str | None = None       # where SC questions find their originals (None: QA_final.json beside)
+    table_encoding: str = "utf-8"         # a table file that is not valid UTF-8 is decoded with this (opt-in)
     # model="openai:<name>": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, transformers serve, an API)
     base_url: str | None = None           # e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"   # the NAME of the environment variable holding the key (unset: no key)
@@ -98,6 +105,12 @@ class RunConfig:
             raise ConfigError("min_pixels", self.min_pixels, f"at most max_pixels ({self.max_pixels})")
         if self.temperature < 0:
             raise ConfigError("temperature", self.temperature, "0 (greedy) or a positive number")
+        check_choice("structure_tables", self.structure_tables, ("swap", "original"))
+        check_choice("structure_reference", self.structure_reference, ("gold", "consistency"))
+        self.table_encoding = check_encoding(self.table_encoding)
+        v = self.judge_max_table_tokens
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError("judge_max_table_tokens", v, "an integer ≥ 0 (0: no table in the judge's prompt)")
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("attn_implementation", self.attn_implementation, ATTN)
         self.ids = parse_ids(self.ids)
@@ -158,8 +171,12 @@ def data_fingerprint(data_path: Path, qa_path: Path, fmt: str | None) -> dict:
 
 def fingerprint(cfg: RunConfig, *, model_identity: dict, templates_sha: str, data: dict,
                 max_new_tokens: int, dtype: str) -> dict:
-    """What changes answers. Leaves out batch_size, limit, ids, run_dir, resume and the device."""
-    return {
+    """What changes answers. Leaves out batch_size, limit, ids, run_dir, resume and the device. The SC table
+    choice and a table encoding appear only when they differ from what runs before them did (original
+    tables, UTF-8), so those run folders still resume with the settings they were made with."""
+    extra = {k: v for k, v in (("structure_tables", cfg.structure_tables), ("table_encoding", cfg.table_encoding))
+             if v not in ("original", "utf-8")}
+    return {**extra,
         "model": model_identity, "modality": cfg.modality, "format": cfg.fmt, "qa_file": Path(cfg.qa_file).name,
         "data": {"qa_sha256": data["qa_sha256"]}, "prompts_sha256": templates_sha[:16], "max_input_tokens": cfg.max_input_tokens,
         "generation": {"max_new_tokens": max_new_tokens, "temperature": cfg.temperature,

@@ -5,14 +5,18 @@ xlsx is a *sample* problem: it raises ``MissingInputError``, which the run turns
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import ConfigError, DataError, MissingInputError
+from .errors import ConfigError, DataError, InputDecodeError, MissingInputError
+
+log = logging.getLogger("hitbench")
 
 MODALITIES = ("text", "image", "mix")
 FORMATS = ("html", "latex", "csv", "markdown", "json")
@@ -67,18 +71,26 @@ def resolve_qa_file(data_path: str | os.PathLike, qa_file: str | os.PathLike) ->
     return cand
 
 
-def load_queries(path: str | os.PathLike) -> list[Query]:
-    """Parse and validate a whole QA file up front, so a bad item fails the run before any work."""
+def load_queries(path: str | os.PathLike, warn: bool = True) -> list[Query]:
+    """Parse and validate a whole QA file up front, so a bad item fails the run before any work
+    (``warn``: log unknown QuestionTypes; off for a second read of the same file)."""
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not valid UTF-8 (line {line}, byte offset {e.start}: {raw[e.start:e.start + 4]!r}). "
+                        "Fix: restore the file from the dataset, or convert it to UTF-8") from None
+    try:
+        blob = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
                         "Fix: restore the file from the dataset") from None
     items = blob.get("queries") if isinstance(blob, dict) else blob
     if not isinstance(items, list):
         raise DataError(f"{path}: expected {{\"queries\": [...]}} or a list of questions, got {type(blob).__name__}")
-    out, seen = [], set()
+    out, seen, unknown = [], set(), {}
     for i, it in enumerate(items):
         if not isinstance(it, dict):
             raise DataError(f"{path}: item #{i} is a {type(it).__name__}, not an object")
@@ -86,15 +98,22 @@ def load_queries(path: str | os.PathLike) -> list[Query]:
         if missing:
             raise DataError(f"{path}: item #{i} (id={it.get('id', '?')}) lacks field(s) {', '.join(missing)}; "
                             f"every item needs {', '.join(REQUIRED_FIELDS)}")
-        try:
-            qid = int(it["id"])
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: item #{i} has id={it['id']!r}, which is not an integer") from None
+        qid = it["id"]
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise DataError(f"{path}: item #{i} has id={qid!r}, a {type(qid).__name__}; ids must be JSON integers "
+                            "(not floats, booleans or strings). Fix: restore the file from the dataset")
         if qid in seen:
             raise DataError(f"{path}: id {qid} appears more than once; ids must be unique within a QA file")
         seen.add(qid)
-        out.append(Query(qid, str(it["FileName"]), str(it["Question"]), str(it["QuestionType"]),
+        qtype = str(it["QuestionType"])
+        if qtype not in QUESTION_TYPES:
+            unknown.setdefault(qtype, []).append(qid)
+        out.append(Query(qid, str(it["FileName"]), str(it["Question"]), qtype,
                          str(it["SubQType"] or ""), _as_text(it["ProcessedAnswer"]), it))
+    for qtype, ids in unknown.items() if warn else ():
+        log.warning("%s: %d question(s) have the unknown QuestionType %r (ids %s); they get the default prompt "
+                    "and their scores are kept apart (aggregates' unknown_question_types); known: %s", path, len(ids),
+                    qtype, ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else ""), ", ".join(QUESTION_TYPES))
     return out
 
 
@@ -112,8 +131,12 @@ def parse_ids(ids: Any) -> list[int] | None:
             ids = json.loads(s) if s.startswith("[") else [x for x in s.replace(",", " ").split()]
         except json.JSONDecodeError:
             raise ConfigError("ids", ids, "a list of integers, or its JSON text like \"[1, 2, 3]\"") from None
-    if isinstance(ids, int):
+    if isinstance(ids, int) or isinstance(ids, float):
         ids = [ids]
+    bad = [x for x in ids if isinstance(x, (bool, float))] if isinstance(ids, (list, tuple)) else []
+    if bad:
+        raise ConfigError("ids", bad, "integers only: a float or boolean id (e.g. 3.0 or true) is refused, not rounded",
+                          "write the ids as whole numbers, e.g. [1, 2, 3]")
     try:
         return [int(x) for x in ids]
     except (TypeError, ValueError):
@@ -164,6 +187,18 @@ def _check_file(path: Path, what: str) -> None:
         raise MissingInputError(f"{what} {path} is empty (0 bytes). Fix: restore it from the dataset")
 
 
+def check_inside(path: Path, folder: str | os.PathLike, file_name: str, what: str) -> Path:
+    """``path`` itself when it resolves (symlinks followed) inside ``folder``; else MissingInputError, and the
+    file is never opened: a FileName such as '../../x', an absolute path or an escaping symlink is not data."""
+    root = Path(folder).resolve()
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        raise MissingInputError(f"{what} for FileName {file_name!r} resolves to {target}, outside its folder {root}; "
+                                "it was not opened. Fix: a FileName must name a file inside data_path "
+                                "(no '..', no absolute path, no symlink that leaves the folder)")
+    return path
+
+
 def table_path(data_path: str | os.PathLike, fmt: str, file_name: str) -> Path:
     return Path(data_path) / fmt / f"{file_name}.{FORMAT_EXT[fmt]}"
 
@@ -176,10 +211,42 @@ def xlsx_path(data_path: str | os.PathLike, file_name: str) -> Path:
     return Path(data_path) / "tables" / f"{file_name}.xlsx"
 
 
-def read_table(data_path: str | os.PathLike, fmt: str, file_name: str) -> str:
-    path = table_path(data_path, fmt, file_name)
+def check_encoding(encoding: str | None) -> str:
+    """``table_encoding``: 'utf-8' (strict, the default) or a codec Python knows, e.g. 'gb18030'."""
+    try:
+        return codecs.lookup(encoding or "utf-8").name
+    except (LookupError, TypeError):
+        raise ConfigError("table_encoding", encoding, "'utf-8' or an encoding Python knows (e.g. 'gb18030', 'latin-1')",
+                          "pass the encoding the non-UTF-8 table files were written in") from None
+
+
+def decode_table(raw: bytes, path: Path, encoding: str | None = None) -> tuple[str, str | None]:
+    """(text, note). UTF-8 first, strictly; a file that is not valid UTF-8 is decoded with ``encoding`` when
+    one is given (the note says so), else it is an InputDecodeError naming the file and the byte offset."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        enc = check_encoding(encoding)
+        bad = f"not valid UTF-8 at byte offset {e.start} ({raw[e.start:e.start + 4]!r})"
+        if enc == "utf-8":
+            raise InputDecodeError(f"table file {path} is {bad}. Fix: convert it to UTF-8, or pass table_encoding "
+                                   "with its encoding (e.g. -p table_encoding gb18030)") from None
+    try:
+        return raw.decode(enc), f"table {path.name} decoded as {enc}: {bad}"
+    except UnicodeDecodeError as e2:
+        raise InputDecodeError(f"table file {path} is {bad}, and not valid {enc} either (byte offset {e2.start}). "
+                               "Fix: convert it to UTF-8, or pass the right table_encoding") from None
+
+
+def read_table(data_path: str | os.PathLike, fmt: str, file_name: str, encoding: str | None = None,
+               notes: list[str] | None = None) -> str:
+    """The table text; a missing, stub, escaping or undecodable file raises MissingInputError (a subclass).
+    ``notes`` (the record's ``degraded`` list) gets a line when the table_encoding fallback was used."""
+    path = check_inside(table_path(data_path, fmt, file_name), Path(data_path) / fmt, file_name, f"{fmt} table")
     _check_file(path, f"{fmt} table")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text, note = decode_table(path.read_bytes(), path, encoding)
+    if note and notes is not None:
+        notes.append(note)
     if not text.strip():
         raise MissingInputError(f"{fmt} table {path} holds only whitespace. Fix: restore it from the dataset")
     return text
@@ -189,7 +256,7 @@ def load_image(image_dir: str | os.PathLike, file_name: str):
     """Open and fully decode the PNG now, so a corrupt file fails here, as a missing input."""
     from PIL import Image, UnidentifiedImageError
 
-    path = image_path(image_dir, file_name)
+    path = check_inside(image_path(image_dir, file_name), image_dir, file_name, "table image")
     _check_file(path, "table image")
     try:
         with Image.open(path) as im:

@@ -168,3 +168,7 @@ def status_of(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "exception"
+
+
+class InputDecodeError(MissingInputError):
+    """A table file is not valid UTF-8 (nor the opt-in ``table_encoding``): unusable as data, like a stub."""

@@ -46,4 +46,4 @@ def restored(job: Any, records: list[dict]) -> set[int]:
     cfg, tries, by_id = job.config, attempts(records), {q.id: q for q in job.queries}
     return {i for i, r in view(records).items() if i in by_id and r["status"] == "missing_input"
             and tries[i] < cfg.max_attempts
-            and D.inputs_present(job.data_path, job.image_dir, cfg.fmt, cfg.modality, by_id[i].file_name)}
+            and D.inputs_present(job.data_path, job.image_dir, cfg.fmt, cfg.modality, job.structure.input_name(by_id[i]))}

@@ -19,6 +19,7 @@ from . import data as D
 from .backends.base import GenRequest
 from .errors import TruncationError
 from .images import fit_image, halve_pixels
+from .pairing import StructurePlan
 from .prompts import Prompt, Templates, build_prompt, reask_text
 from .records import SampleRecord
 
@@ -39,9 +40,11 @@ class Preparer:
     """Everything a prompt needs from the run's configuration, and the backend's token counts."""
 
     def __init__(self, cfg: Any, backend: Any, templates: Templates, data_path: Path, image_dir: Path,
-                 request_hook: Callable[[GenRequest], GenRequest] | None = None) -> None:
+                 request_hook: Callable[[GenRequest], GenRequest] | None = None,
+                 structure: StructurePlan | None = None) -> None:
         self.cfg, self.backend, self.templates = cfg, backend, templates
         self.data_path, self.image_dir, self.hook = data_path, image_dir, request_hook
+        self.structure = structure or StructurePlan()     # which file each question reads (SC: _swap)
         self.reask = reask_text(templates) if cfg.max_reasks else ""
 
     def request(self, p: Prepared, messages: list[dict]) -> GenRequest:
@@ -51,14 +54,18 @@ class Preparer:
     def prepare(self, q: D.Query, attempt: int) -> Prepared:
         """Read inputs, build and truncate the prompt."""
         rec = SampleRecord.start(q, attempt)
+        self.structure.start(rec, q)                # SC: the _swap table, the pair, the gold reference
         t0 = time.perf_counter()
         cfg = self.cfg
         p = Prepared(rec, build_prompt(self.templates, q, cfg.modality, cfg.fmt or "html", ""))
         try:
             if cfg.fmt:
-                p.table = D.read_table(self.data_path, cfg.fmt, q.file_name)
+                notes: list[str] = []
+                p.table = D.read_table(self.data_path, cfg.fmt, rec.table_file, cfg.table_encoding, notes)
+                for note in notes:
+                    rec.degrade("table_encoding", note)
             if cfg.modality in ("image", "mix"):
-                original = D.load_image(self.image_dir, q.file_name)
+                original = D.load_image(self.image_dir, rec.table_file)
                 p.image = fit_image(original, cfg.min_pixels, cfg.max_pixels)
                 rec.image_size, rec.image_size_sent = list(original.size), list(p.image.size)
                 rec.image_tokens = self.backend.image_tokens(p.image)

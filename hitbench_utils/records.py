@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback as tb
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .data import Query
@@ -22,6 +22,7 @@ DEGRADATION_KINDS = (
     "prefix_fallback",      # shared-prefix work failed; it ran in plain batches
     "reask_failed",         # a re-ask failed; the first answer is kept
     "degradation_failed",   # the OOM ladder could not take its next step
+    "table_encoding",       # the table was not UTF-8 and was decoded with table_encoding
     "failed",               # the attempt ended in an error (the last entry of ``tried``)
     "legacy",               # a prose entry from a schema-1 log
 )
@@ -73,6 +74,7 @@ class SampleRecord:
     question_type: str
     sub_qtype: str
     file_name: str
+    table_file: str | None = None          # the file stem read for the table/image: <file_name>_swap for SC
     status: str = "ok"                     # ok | oom | truncation | missing_input | exception | timeout
     attempt: int = 1                       # 1-based attempt number for this id
     error: str | None = None
@@ -104,6 +106,7 @@ class SampleRecord:
     score_status: str | None = None                # scored | unscored | error | missing_input | not_run
     score_error: str | None = None
     score_detail: dict | None = None               # chart error/artifacts, judge model...
+    structure: dict | None = None                  # SC only: pair, both protocols (scoring/structure.py)
     logged_at: float | None = None                 # unix time the log got it (orders the ranks' logs)
     extra: dict[str, Any] = field(default_factory=dict)   # fields this version does not know (kept, not lost)
 
@@ -157,24 +160,39 @@ class SampleRecord:
                 kw[k] = v
         for k in ("id", "question_type", "sub_qtype", "file_name"):
             kw.setdefault(k, "" if k != "id" else None)
-        check_record_types(d)
+        problem = record_type_problem(d)
+        if problem:
+            raise RunLogError(f"record id={d.get('id')!r}: {problem}")
         return cls(**kw)
 
 
-# The types a logged record's fields must have (None allowed where the field is optional).
-_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (int,), "status": (str,), "attempt": (int,), "reasks": (int,), "rows_dropped": (int,),
-    "truncated": (bool,), "permanent": (bool,), "answer_format_ok": (bool, type(None)),
-    "input_tokens_original": (int, type(None)), "input_tokens_sent": (int, type(None)),
-    "output_tokens": (int, type(None)), "latency_s": (int, float), "started_at": (int, float),
-    "error": (str, type(None)), "response": (str, type(None)), "prediction": (str, type(None)),
-    "scores": (dict,), "tried": (list,), "degraded": (list,),
-}
+
+_ANNOTATION_TYPES = {"int": (int,), "str": (str,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+                     "list": (list,), "None": (type(None),)}
 
 
-def check_record_types(d: dict) -> None:
-    """Raise ``RunLogError`` naming the first field whose value has the wrong type."""
-    for k, types in _TYPES.items():
-        if k in d and (not isinstance(d[k], types) or (isinstance(d[k], bool) and bool not in types)):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise RunLogError(f"record id={d.get('id')!r}: field {k!r} is {d[k]!r}, expected {want}")
+def _allowed(annotation: str) -> tuple[type, ...]:
+    out: tuple[type, ...] = ()
+    for part in annotation.split("|"):
+        out += _ANNOTATION_TYPES[part.strip().split("[")[0]]
+    return out
+
+
+_FIELD_ANNOTATIONS = {f.name: (str(f.type), _allowed(str(f.type))) for f in fields(SampleRecord)}
+
+
+def record_type_problem(obj: dict) -> str | None:
+    """Why a log line cannot be a SampleRecord (a field of the wrong type, e.g. ``"attempt": "two"``), or None.
+    Fields the record does not define (``rescored_at``, ...) are not checked."""
+    for name, value in obj.items():
+        spec = _FIELD_ANNOTATIONS.get(name)
+        if spec is None:
+            continue
+        annotation, allowed = spec
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            return f"field {name!r} is {value!r} ({type(value).__name__}); a record needs {annotation}"
+    return None

@@ -20,6 +20,7 @@ from .backends.base import GenRequest, GenSettings
 from .backends.registry import backend_identity, load_backend, make_engine
 from .checks import check_before_model, check_fixed_part
 from .config import RunConfig, data_fingerprint, fingerprint
+from .pairing import StructureTracker, fill_structure, plan_structure
 from .pipeline import generate
 from .plan import plan
 from .prepare import Preparer, default_workers, prepare_stream
@@ -59,6 +60,8 @@ class Job:
         self.queries = D.select(D.load_queries(self.qa_path), ids=cfg.ids, limit=cfg.limit,
                                 question_type=cfg.question_type)
         self.templates = load_templates(cfg.prompts)
+        self.structure = plan_structure(self.qa_path, tables=cfg.structure_tables, reference=cfg.structure_reference,
+                                        pair_qa_file=cfg.pair_qa_file, data_path=self.data_path)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else cfg.default_run_dir(self.runs_root, data_label)
         self.folder = RunFolder(self.run_dir)
         self.secrets = secret_values([cfg.api_key_env, cfg.judge_api_key_env])   # never stored, wherever echoed
@@ -125,7 +128,8 @@ class Job:
             log.info("loading model %s (attn=%s, dtype=%s)", self.config.model, self.config.attn_implementation,
                      self.config.dtype)
             self.backend = load_backend(self.config)
-        return Preparer(self.config, self.backend, self.templates, self.data_path, self.image_dir, self.request_hook)
+        return Preparer(self.config, self.backend, self.templates, self.data_path, self.image_dir, self.request_hook,
+                        self.structure)
 
     def _load(self) -> Preparer:
         preparer = self.preparer()
@@ -139,14 +143,17 @@ class Job:
     def _generate(self, runlog: RunLog, preparer: Preparer, groups: Iterator) -> None:
         cfg = self.config
         engine = self.engine = make_engine(self.backend, cfg)    # kept: its stats stay readable
-        self.scorer = Scorer(cfg, self.data_path, self.folder, self.secrets) if cfg.score else None
+        self.scorer = Scorer(cfg, self.data_path, self.folder, self.secrets, self.backend) if cfg.score else None
         progress = Progress(self.total or 0, f"{cfg.modality}_{cfg.fmt or 'png'}", engine, bar=self.progress)
+        sc = StructureTracker(runlog.contents.records, cfg.structure_reference, cfg.score)
         try:
-            generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress))
+            generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress, sc.observe))
         finally:
             progress.close()
 
     def _finish(self, runlog: RunLog, rank: int | None) -> dict:
+        if self.config.score:
+            fill_structure(runlog, self.config.structure_reference)   # SC consistency, also on resume
         runlog.close()
         if rank is not None:
             with self.claims.exclusive():

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from .errors import FingerprintMismatch, LogWriteError, RunExistsError, RunLockedError, RunLogError
 from .runfolder import LOCK_NAME, LOG_NAME, RUN_FILES, RunFolder
+from .records import record_type_problem
 
 WRITE_RETRIES = 8         # short writes resumed before the append is declared failed
 
@@ -78,7 +79,11 @@ def read_file(path: Path) -> LogContents:
             header = obj
         elif (isinstance(obj, dict) and isinstance(obj.get("id"), int) and not isinstance(obj["id"], bool)
               and isinstance(obj.get("status"), str)):
-            records.append(obj)
+            problem = record_type_problem(obj)
+            if problem:
+                bad.append((n, problem))
+            else:
+                records.append(obj)
         else:
             bad.append((n, "not a sample record"))
     return LogContents(header, records, bad, torn, raw.rfind(b"\n") + 1, [header] if header else [])

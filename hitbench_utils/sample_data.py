@@ -562,6 +562,22 @@ def _sheets() -> list[_Sheet]:
     return sheets
 
 
+def _swapped(t: _Sheet) -> _Sheet:
+    """``t`` with rows and columns swapped: the ``<name>_swap`` table its Structure Comprehending questions are
+    asked on, as in RealHiTBench (same cells, styles and merges, transposed)."""
+    tr = lambda rc: (rc[1], rc[0])  # noqa: E731
+    return _Sheet(t.name + "_swap", t.category, len(t.values),
+                  [[row[c] for row in t.values] for c in range(t.n_cols)],
+                  [(c0, r0, c1, r1) for r0, c0, r1, c1 in t.merges], {tr(x) for x in t.bold}, {tr(x) for x in t.center},
+                  {tr(k): v for k, v in t.formats.items()}, {tr(k): v for k, v in t.fills.items()}, None, [])
+
+
+def _with_swaps(sheets: list[_Sheet]) -> list[_Sheet]:
+    """Every sheet, and the swapped copy of each one that has a Structure Comprehending question."""
+    return sheets + [_swapped(t) for t in sheets if any(_TYPE_OF[q["SubQType"]] == "Structure Comprehending"
+                                                        for q in t.questions)]
+
+
 def _questions(sheets: list[_Sheet]) -> list[dict]:
     out = []
     for s in sheets:
@@ -802,7 +818,7 @@ def write_sample_dataset(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     sheets = _sheets()
     files: dict[str, str | bytes] = {}
-    for t in sheets:
+    for t in _with_swaps(sheets):
         xlsx = _xlsx(t)
         csv_text = _csv(t)
         files.update({f"tables/{t.name}.xlsx": xlsx, f"csv/{t.name}.csv": csv_text,
@@ -819,7 +835,7 @@ def write_sample_dataset(folder: str | os.PathLike) -> list[str]:
         else:
             with open(p, "w", encoding="utf-8", newline="") as f:
                 f.write(data)
-    for t in sheets:
+    for t in _with_swaps(sheets):
         rel = f"image/{t.name}.png"
         render.render_xlsx(folder / f"tables/{t.name}.xlsx", folder / rel)
         files[rel] = b""

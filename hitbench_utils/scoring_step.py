@@ -9,8 +9,10 @@ from .runfolder import RunFolder
 
 
 class Scorer:
-    def __init__(self, cfg: Any, data_path: Any, folder: RunFolder, secrets: list[str] | None = None) -> None:
+    def __init__(self, cfg: Any, data_path: Any, folder: RunFolder, secrets: list[str] | None = None,
+                 backend: Any = None) -> None:
         self.cfg, self.data_path, self.folder, self.secrets = cfg, data_path, folder, secrets or []
+        self.backend = backend       # its tokenizer cuts the judge's table
         self._judge: Any = None
 
     def judge(self) -> Any:
@@ -19,9 +21,12 @@ class Scorer:
             return None
         if self._judge is None:
             from .scoring import Judge
+            from .scoring.judge_table import JudgeTables
 
+            tables = JudgeTables(self.data_path, self.cfg.fmt, self.cfg.judge_max_table_tokens, self.cfg.table_encoding,
+                                 _fast_tokenizer(self.backend))
             self._judge = Judge(self.cfg.judge_base_url, self.cfg.judge_model, api_key_env=self.cfg.judge_api_key_env,
-                                cache_path=str(self.folder.judge_cache))
+                                cache_path=str(self.folder.judge_cache), tables=tables)
         return self._judge
 
     def score(self, rec: dict) -> dict:
@@ -44,3 +49,10 @@ class Scorer:
         from .scoring import scoring_provenance
 
         return scoring_provenance(chart_compat=self.cfg.chart_compat, judge=self.judge())
+
+
+def _fast_tokenizer(backend: Any) -> Any:
+    """The model's tokenizer when it is a fast (Rust-backed) one: the judge's table is cut with it."""
+    tok = getattr(backend, "tokenizer", None)
+    bt = getattr(tok, "backend_tokenizer", None) or tok
+    return tok if hasattr(bt, "encode_batch") else None

@@ -75,14 +75,17 @@ class Sink:
     """Score a final record, append it, count it. ``score`` never raises: a scoring failure is data."""
 
     def __init__(self, append: Callable[[dict], None], score: Callable[[SampleRecord], None] | None,
-                 progress: Progress | None) -> None:
-        self.append, self.score, self.progress = append, score, progress
+                 progress: Progress | None, observe: Callable[[dict], list[dict]] | None = None) -> None:
+        """``observe`` turns the record into the records to append: itself and, for Structure
+        Comprehending, the waiting SC records its answer completes (``pairing.StructureTracker``)."""
+        self.append, self.score, self.progress, self.observe = append, score, progress, observe
 
     def __call__(self, rec: SampleRecord) -> None:
         if self.score is not None:
             t0 = time.perf_counter()
             self.score(rec)
             rec.score_s = round(time.perf_counter() - t0, 6)
-        self.append(rec.to_dict())
+        for r in self.observe(rec.to_dict()) if self.observe else [rec.to_dict()]:
+            self.append(r)
         if self.progress is not None:
             self.progress.update(rec)

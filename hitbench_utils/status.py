@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .errors import RunLogError
 from .runlog import attempts, read_log, view
 
 PLAN = "plan.json"
@@ -19,9 +20,27 @@ def write_plan(run_dir: str | os.PathLike, ids: list[int], max_attempts: int) ->
     """The ids this run folder is meant to cover: the union over invocations, so re-running a few ids
     with ``ids=[...]`` never shrinks what status counts."""
     path = Path(run_dir) / PLAN
-    old = json.loads(path.read_text()).get("ids", []) if path.is_file() else []
+    old = read_plan(path).get("ids", []) if path.is_file() else []
     merged = list(dict.fromkeys(list(old) + list(ids)))
     _atomic_json(path, {"ids": merged, "max_attempts": max_attempts, "written": time.time()})
+
+
+def read_plan(path: Path) -> dict:
+    """plan.json, checked: a damaged one is a RunLogError naming the file and the line, never a traceback."""
+    fix = f"Fix: delete {path}; the next run (or resume) writes it again from its QA selection"
+    try:
+        plan = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunLogError(f"{path} is not valid UTF-8 (byte offset {e.start}). {fix}") from None
+    except json.JSONDecodeError as e:
+        raise RunLogError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). {fix}") from None
+    plan = plan if isinstance(plan, dict) else {"ids": None}
+    ids, ma = plan.get("ids"), plan.get("max_attempts", 3)
+    if (not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids)
+            or isinstance(ma, bool) or not isinstance(ma, int)):
+        raise RunLogError(f"{path} (line 1) is not a plan: it needs \"ids\", a list of integers, and "
+                          f"\"max_attempts\", an integer. {fix}")
+    return plan
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -34,7 +53,7 @@ def summarize(run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     contents = read_log(run_dir)
     plan_path = run_dir / PLAN
-    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    plan = read_plan(plan_path) if plan_path.is_file() else {}
     latest, tries = view(contents.records), attempts(contents.records)
     ids = plan.get("ids") or sorted(latest)
     max_attempts = int(plan.get("max_attempts", 3))
@@ -92,18 +111,21 @@ def write_results(run_dir: str | os.PathLike, *, config: dict, summary: dict, se
     run_dir = Path(run_dir)
     recs = list(view(read_log(run_dir).records).values())
     try:
-        from .scoring import aggregate
+        from .scoring.aggregates import aggregate, paper_cells
 
         aggregates = aggregate(recs)
+        aggregates["paper"] = paper_cells(aggregates)
     except Exception as e:  # noqa: BLE001 - results.json must still be written
         aggregates = {"error": f"{type(e).__name__}: {e}"}
+    from .scoring.aggregates import run_key
     prev = {}
     if (run_dir / "results.json").is_file():
         try:
             prev = json.loads((run_dir / "results.json").read_text())
         except json.JSONDecodeError:
             prev = {}
-    out = {"config": config, "backend": backend_info or prev.get("backend"), "summary": summary,
+    out = {"run_key": run_key(str(run_dir), config), "config": config, "backend": backend_info or prev.get("backend"),
+           "summary": summary,
            "scoring": scoring or prev.get("scoring"),
            "aggregates": aggregates, "time": {"this_invocation_s": round(seconds, 3),
                                               "total_s": round(prev.get("time", {}).get("total_s", 0) + seconds, 3),

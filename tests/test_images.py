@@ -54,11 +54,11 @@ def test_render_command_skips_done_and_writes_a_manifest(tmp_path, sample_data, 
     out = tmp_path / "img"
     assert main(["render", "--data", str(sample_data), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest) == 10 and all(e["ok"] and e["source"] == "xlsx" for e in manifest.values())
+    assert len(manifest) == 14 and all(e["ok"] and e["source"] == "xlsx" for e in manifest.values())  # 4 _swap
     for name, e in manifest.items():   # the sample's shipped PNGs are this renderer's output
         assert (out / f"{name}.png").read_bytes() == (sample_data / "image" / f"{name}.png").read_bytes()
     assert main(["render", "--data", str(sample_data), "--out", str(out)]) == 0
-    assert "10 already there" in capsys.readouterr().out
+    assert "14 already there" in capsys.readouterr().out
 
 
 def test_render_falls_back_to_html_when_xlsx_is_a_stub(tmp_path, sample_data):

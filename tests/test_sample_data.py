@@ -171,7 +171,7 @@ def test_build_is_deterministic_and_pngs_are_up_to_date(sample_data: Path, tmp_p
     other = sd.ensure_sample_dataset(tmp_path / "again")
     files = sorted(p.relative_to(sample_data) for p in sample_data.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
-    assert len(files) == 2 + 1 + 10 * 7
+    assert len(files) == 2 + 1 + (10 + 4) * 7      # 10 tables and the _swap copies of the 4 with SC questions
     for rel in files:
         assert (sample_data / rel).read_bytes() == (other / rel).read_bytes(), rel
     for name in sd.SAMPLE_TABLES:

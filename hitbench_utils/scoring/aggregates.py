@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from hitbench_utils.scoring.judge import JUDGED_SUBTYPES
 from hitbench_utils.scoring.qa import QA_METRICS
 
-__all__ = ["aggregate", "paper_table", "QUESTION_TYPES", "PAPER_COLUMNS"]
+__all__ = ["aggregate", "paper_table", "paper_cells", "run_key", "QUESTION_TYPES", "PAPER_COLUMNS"]
 
 QUESTION_TYPES = ("Fact Checking", "Numerical Reasoning", "Structure Comprehending", "Data Analysis",
                   "Visualization")
@@ -68,8 +68,31 @@ def aggregate(records: Iterable[dict]) -> dict[str, Any]:
     """``{"by_type": {qtype: summary}, "by_subtype": {qtype: {sub_qtype: summary}}, "n", "errors"}``.
 
     Each summary has ``n``, ``errors`` (status != ok, counted as 0), ``unscored``, ``missing_input``,
-    ``score_errors``, the metric means (None when no query has the metric) and ``judge``."""
+    ``score_errors``, the metric means (None when no query has the metric) and ``judge``. Questions of an
+    unknown QuestionType are kept apart, in ``unknown_question_types`` (same shape as ``by_type``). With
+    Structure Comprehending records that carry both protocols, ``structure`` has SC under each and
+    ``by_type["Structure Comprehending"]["protocol"]`` names the one its numbers use."""
+    from hitbench_utils.scoring.structure import structure_aggregate
+
     records = list(records)
+    known = [r for r in records if (r.get("question_type") or "") in QUESTION_TYPES]
+    unknown: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if (r.get("question_type") or "") not in QUESTION_TYPES:
+            unknown[r.get("question_type") or ""].append(r)
+    out = _aggregate_known(known)
+    out["n"], out["errors"] = len(records), sum(r.get("status", "ok") != "ok" for r in records)
+    if unknown:
+        out["unknown_question_types"] = {q: _summary(v, q) for q, v in sorted(unknown.items())}
+    sc = structure_aggregate(known)
+    if sc is not None:
+        out["structure"] = sc
+        out["by_type"]["Structure Comprehending"]["protocol"] = sc["protocol"]
+        out["by_type"]["Structure Comprehending"]["tables"] = sc["tables"]
+    return out
+
+
+def _aggregate_known(records: list[dict]) -> dict[str, Any]:
     by_type: dict[str, list[dict]] = defaultdict(list)
     by_sub: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -83,6 +106,35 @@ def aggregate(records: Iterable[dict]) -> dict[str, Any]:
         "by_type": {q: _summary(by_type[q], q) for q in order},
         "by_subtype": {q: {s: _summary(v, q) for s, v in sorted(by_sub[q].items())} for q in order},
     }
+
+
+def paper_cells(agg: dict) -> dict[str, Any]:
+    """One paper-table row's numbers: ``{"FC F1", ..., "Vis Pass", "DA GPT"}`` (DA GPT: the judge's mean
+    score on Summary/Anomaly Analysis, None without a judge) and ``SC protocol`` (what the SC cells use)."""
+    by_type = agg.get("by_type") or {}
+    cells: dict[str, Any] = {f"{_SHORT[q]} {m}": (by_type.get(q) or {}).get(m) for q, m in PAPER_COLUMNS}
+    cells["DA GPT"] = (by_type.get("Data Analysis") or {}).get("judge")
+    cells["SC protocol"] = (by_type.get("Structure Comprehending") or {}).get("protocol")
+    return cells
+
+
+def run_key(run_dir: str, config: dict) -> dict[str, Any]:
+    """What tells two runs' paper-table rows apart: the run folder name, the QA file, and the subset when
+    ``limit``, ``ids`` or ``question_type`` selected one (None: the whole QA file); ``label`` joins them."""
+    from pathlib import Path
+
+    ids = config.get("ids")
+    subset = {k: v for k, v in (("limit", config.get("limit")), ("ids", list(ids) if ids else None),
+                                ("question_type", config.get("question_type"))) if v not in (None, "", [])}
+    qa = Path(str(config.get("qa_file") or "QA_final.json")).name
+    parts = [f"limit={subset['limit']}"] if "limit" in subset else []
+    if "ids" in subset:
+        shown = ",".join(map(str, subset["ids"][:5])) + (",..." if len(subset["ids"]) > 5 else "")
+        parts.append(f"ids={shown} ({len(subset['ids'])})")
+    if "question_type" in subset:
+        parts.append(f"question_type={subset['question_type']}")
+    label = f"{Path(run_dir).name} [{qa}" + ("; " + "; ".join(parts) if parts else "") + "]"
+    return {"run": Path(run_dir).name, "qa_file": qa, "subset": subset or None, "label": label}
 
 
 def _cell(row: dict, qtype: str, metric: str) -> float | None:

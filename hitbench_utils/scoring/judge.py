@@ -76,10 +76,11 @@ class Judge:
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  cache_path: str | os.PathLike | None = None, timeout: float = 60.0, max_retries: int = 2,
-                 max_tokens: int = 512, retry_wait: float = 2.0) -> None:
+                 max_tokens: int = 512, retry_wait: float = 2.0, tables: Any = None) -> None:
         self.base_url, self.model = base_url.rstrip("/"), model
         self.api_key_env, self.timeout, self.max_retries = api_key_env, timeout, max_retries
         self.max_tokens, self.retry_wait = max_tokens, retry_wait
+        self.tables = tables  # record -> (table text, detail): e.g. judge_table.JudgeTables (None: no table)
         self.cache_path = Path(cache_path) if cache_path else None
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         # A judge on this machine is reached directly, whatever HTTP(S)_PROXY says.
@@ -90,7 +91,8 @@ class Judge:
         self._cache: dict[str, dict] | None = None
 
     def describe(self) -> dict:
-        return {"base_url": self.base_url, "model": self.model, "cache": str(self.cache_path or "")}
+        return {"base_url": self.base_url, "model": self.model, "cache": str(self.cache_path or ""),
+                "table": self.tables.describe() if hasattr(self.tables, "describe") else None}
 
     # ---- prompt and cache -----------------------------------------------------------------
     def messages(self, question: str, reference: str, prediction: str, sub_qtype: str,

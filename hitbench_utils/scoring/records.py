@@ -35,13 +35,20 @@ def _out(scores: dict, status: str, error: str | None = None, detail: dict | Non
 
 def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | None = None,
                  judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False,
-                 chart_allow_unsealed: bool = False, secrets: Sequence[str] = ()) -> dict:
+                 chart_allow_unsealed: bool = False, secrets: Sequence[str] = (),
+                 original: dict | None = None, structure_reference: str | None = None) -> dict:
     """Score one flat sample record; returns ``{"scores", "score_status", "score_error"}`` (plus
-    ``score_detail`` with the chart's error or the judge's reply when there is one).
+    ``score_detail`` with the chart's error or the judge's reply when there is one). A Structure
+    Comprehending record with a ``structure`` field also gets it back with both protocols scored, and its
+    ``reference`` (``original``: its paired original's record in the same run, for the consistency one).
 
     ``chart_allow_unsealed`` lets charts run when a sandbox layer is missing here (else they are
     errors naming it); ``secrets`` are redacted from every chart text stored."""
     try:
+        if isinstance(record.get("structure"), dict):
+            from hitbench_utils.scoring.structure import score_structure
+
+            return score_structure(record, original, structure_reference)
         if record.get("status", "ok") != "ok":
             return _out({}, "not_run")
         qtype = record.get("question_type") or ""
@@ -57,12 +64,13 @@ def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | No
         if qtype == "Data Analysis" and sub in JUDGED_SUBTYPES:
             if judge is None:
                 return _out({}, "unscored")
+            table, table_info = _judge_table(judge, record)
             try:
-                verdict = judge.score(record.get("question") or "", str(reference), str(prediction), sub)
+                verdict = judge.score(record.get("question") or "", str(reference), str(prediction), sub, table)
             except JudgeError as exc:
                 return _out({}, "error", f"judge error: {exc}", {"judge_model": judge.model})
             return _out({"judge": verdict["judge_score"]}, "scored", None,
-                        {"judge_model": verdict["judge_model"], "judge_cached": verdict["cached"]})
+                        {"judge_model": verdict["judge_model"], "judge_cached": verdict["cached"], **table_info})
         # Everything else — odd sub-types such as '' or 'Non-adverse, Adverse, Cancelled' included —
         # gets the QA metrics its QuestionType implies. An empty reference (QA_final's Structure
         # Comprehending items, whose reference is the model's own answer on the unswapped table) cannot
@@ -72,6 +80,14 @@ def score_record(record: dict, *, xlsx_path: str | None, artifacts_dir: str | No
         return _out(score_answer(str(reference), str(prediction)), "scored")
     except Exception as exc:  # never raise: a scoring bug must not stop a run
         return _out({}, "error", f"{type(exc).__name__}: {exc}")
+
+
+def _judge_table(judge: Judge, record: dict) -> tuple[str | None, dict]:
+    """The table for the judge's prompt, cut to its budget, when the judge was given a table source."""
+    tables = getattr(judge, "tables", None)
+    if tables is None:
+        return None, {"judge_table": None}
+    return tables(record)
 
 
 def _score_chart_record(record: dict, prediction: str, reference: str, sub: str, xlsx_path: str | None,
@@ -116,16 +132,25 @@ def xlsx_path_for(data_path: str | os.PathLike, file_name: str | None) -> str | 
 def rescore_records(records: list[dict], *, data_path: str | os.PathLike, artifacts_dir: str | None = None,
                     judge: Judge | None = None, chart_timeout: float = 20, chart_compat: bool = False,
                     workers: int = 2, chart_allow_unsealed: bool = False, secrets: Sequence[str] = (),
-                    on_done: Callable[[dict], None] | None = None) -> list[dict]:
+                    on_done: Callable[[dict], None] | None = None, structure_reference: str | None = None) -> list[dict]:
     """Score every record again from its saved response (no inference); returns new records in the
     same order, each the old one with the score fields replaced. Charts and judge calls run in
     ``workers`` threads (the chart server runs the programs in parallel). ``on_done`` gets each new
-    record as it finishes (a progress bar's update)."""
+    record as it finishes (a progress bar's update). Structure Comprehending records get both protocols
+    again, the consistency one from their paired original among ``records`` (``structure_reference``:
+    switch the chosen protocol; None keeps each record's)."""
+    by_id = {r.get("id"): r for r in records}
+
+    def original_of(record: dict) -> dict | None:
+        st = record.get("structure")
+        return by_id.get(st.get("pair_id")) if isinstance(st, dict) and st.get("pair_in_run") else None
 
     def one(record: dict) -> dict:
-        fields = score_record(record, xlsx_path=xlsx_path_for(data_path, record.get("file_name")),
+        xlsx = xlsx_path_for(data_path, record.get("table_file") or record.get("file_name"))
+        fields = score_record(record, xlsx_path=xlsx,
                               artifacts_dir=artifacts_dir, judge=judge, chart_timeout=chart_timeout,
-                              chart_compat=chart_compat, chart_allow_unsealed=chart_allow_unsealed, secrets=secrets)
+                              chart_compat=chart_compat, chart_allow_unsealed=chart_allow_unsealed, secrets=secrets,
+                              original=original_of(record), structure_reference=structure_reference)
         new = {k: v for k, v in record.items() if k not in ("scores", "score_status", "score_error", "score_detail")}
         new.update(fields)
         return new
