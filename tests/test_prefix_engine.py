@@ -283,3 +283,22 @@ def test_packed_attention_over_a_shared_prefix_matches_sdpa_per_segment(P, lens,
         ref = F.scaled_dot_product_attention(q[:, :, a:a + n], K, V, attn_mask=causal, scale=0.25)
         assert torch.allclose(got[:, :, a:a + n], ref, atol=1e-5, rtol=1e-4), (P, lens, a)
         a += n
+
+
+def test_job_request_hook_sees_every_request_first_ask_and_reask(tmp_path, tiny_backend, sample_data):
+    """The public seam benchmarks use (scripted output lengths): every GenRequest passes through it
+    before the engine, the re-ask too, and what it returns is what runs."""
+    seen = []
+
+    def hook(req):
+        seen.append(req.key)
+        req.max_new_tokens = 3
+        return req
+
+    cfg = RunConfig(data_path=str(sample_data), run_dir=str(tmp_path / "run"), limit=4, max_reasks=1,
+                    device="cpu", score=False, format="csv")
+    s = Job(cfg, backend=tiny_backend, progress=False, request_hook=hook).execute()
+    assert s["verdict"] == "complete"
+    recs = view(read_log(tmp_path / "run").records)
+    assert sorted(seen) == sorted(list(recs) * 2)                  # first ask and one re-ask per id
+    assert all(r["output_tokens"] == 3 and r["reasks"] == 1 for r in recs.values())
