@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(export_checkpoint(a.run_dir))
         return 0
     if a.cmd == "rescore":
+        from .runfolder import RunFolder
         from .rescore import format_rescore, rescore_run
 
         judge = None
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             tables = JudgeTables(head.get("data_path") or ".", None if conf.get("modality") == "image" else conf.get("format"),
                                  a.judge_max_table_tokens, conf.get("table_encoding"))
             judge = Judge(a.judge_base_url, a.judge_model, api_key_env=a.judge_api_key_env,
-                          cache_path=str(Path(a.run_dir) / "judge_cache.jsonl"), tables=tables)
+                          cache_path=str(RunFolder(a.run_dir).judge_cache), tables=tables)
             if a.dry_run:  # read the cache, never append to it
                 judge._load_cache()
                 judge.cache_path = None

@@ -162,6 +162,7 @@ def rerun(run_dir: str | os.PathLike, id: int, *, overrides: dict | None = None,
 
 def _commit(run_dir: Path, record: dict, applied: dict, seconds: float, job: Any) -> dict:
     """Append the record as the id's next attempt through the normal log, then rewrite results.json."""
+    from .runfolder import RunFolder
     from .runlog import RunLock, RunLog
     from .status import summarize, write_results
 
@@ -176,7 +177,7 @@ def _commit(run_dir: Path, record: dict, applied: dict, seconds: float, job: Any
             rec.update(Scorer(job.config, job.data_path, RunFolder(run_dir)).score(rec))
         log.append(rec)
         log.close()
-        res = run_dir / "results.json"
+        res = RunFolder(run_dir).results
         prev = json.loads(res.read_text()) if res.is_file() else {}
         write_results(run_dir, config=prev.get("config") or log.header.get("config", {}), summary=summarize(run_dir),
                       seconds=seconds, backend_info=prev.get("backend"), scoring=prev.get("scoring"))

@@ -32,12 +32,11 @@ from typing import Any, Iterator
 
 from . import data as D
 from .errors import ConfigError
+from .runfolder import CLAIMS, SPEC, RunFolder
 from .runlog import RunLock, attempts, read_log, runnable
 
 log = logging.getLogger("hitbench")
 
-CLAIMS = "claims.jsonl"
-SPEC = "launch.json"
 START_WAIT_S = 120.0      # how long a ready rank waits for the others to load their models
 
 
@@ -131,7 +130,7 @@ class Claims:
     def __init__(self, run_dir: str | os.PathLike, rank: int, start_wait: float = START_WAIT_S) -> None:
         self.run_dir, self.rank, self.start_wait = Path(run_dir), rank, start_wait
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        alive = self.run_dir / "ranks"
+        alive = RunFolder(self.run_dir).ranks
         alive.mkdir(exist_ok=True)
         self.alive_path = alive / f"{self.token}.alive"
         self._alive = os.open(self.alive_path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -147,7 +146,7 @@ class Claims:
         deadline = time.monotonic() + timeout
         while True:
             live: dict[str, bool] = {}
-            ready = sum(self._live(p.name[:-len(".ready")], live) for p in (self.run_dir / "ranks").glob("*.ready"))
+            ready = sum(self._live(p.name[:-len(".ready")], live) for p in RunFolder(self.run_dir).ranks.glob("*.ready"))
             if ready >= world or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -168,7 +167,7 @@ class Claims:
             return True
         if token not in cache:
             try:
-                fd = os.open(self.run_dir / "ranks" / f"{token}.alive", os.O_RDWR)
+                fd = os.open(RunFolder(self.run_dir).ranks / f"{token}.alive", os.O_RDWR)
             except FileNotFoundError:
                 cache[token] = False
             else:
@@ -240,7 +239,7 @@ class Claims:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """For writes every rank makes (plan.json, results.json)."""
-        with _flock(self.run_dir / "claims.lock"):
+        with _flock(RunFolder(self.run_dir).claims_lock):
             yield
 
 
@@ -258,10 +257,10 @@ def launch(job: Any) -> dict:
         procs = []
         for r in range(n):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))
-            out = open(run_dir / f"rank{r}.out", "w")
+            out = open(RunFolder(run_dir).rank_output(r), "w")
             procs.append((subprocess.Popen([sys.executable, "-m", "hitbench_utils", "worker", str(run_dir / SPEC)],
                                            env=env, stdout=out, stderr=subprocess.STDOUT), out))
-            log.info("rank %d: pid %d, output %s", r, procs[-1][0].pid, run_dir / f"rank{r}.out")
+            log.info("rank %d: pid %d, output %s", r, procs[-1][0].pid, RunFolder(run_dir).rank_output(r))
         codes = []
         for p, out in procs:
             codes.append(p.wait())
@@ -269,9 +268,9 @@ def launch(job: Any) -> dict:
     for r, rc in enumerate(codes):
         if rc != 0:
             log.warning("rank %d exited with %s (see %s); the other ranks finished its unclaimed and orphaned "
-                        "work; resume to retry anything still missing", r, rc, run_dir / f"rank{r}.out")
+                        "work; resume to retry anything still missing", r, rc, RunFolder(run_dir).rank_output(r))
     summary = summarize(run_dir)
-    summary["ranks"] = [{"rank": r, "returncode": rc, "output": str(run_dir / f"rank{r}.out")} for r, rc in enumerate(codes)]
+    summary["ranks"] = [{"rank": r, "returncode": rc, "output": str(RunFolder(run_dir).rank_output(r))} for r, rc in enumerate(codes)]
     summary["wall_s"] = round(time.time() - t0, 1)
     if summary.get("missing_ids"):
         log.warning("missing ids after all ranks ended: %s", summary["missing_ids"][:50])

@@ -24,6 +24,7 @@ from .errors import ERROR_STATUSES
 from .report_html import export_notebook_html, write_html  # noqa: F401 - the report's public API
 from .report_paper import (SHORT, metric_columns, metric_value, paper_frame, paper_html, paper_latex, paper_markdown,
                            structure_frame)
+from .runfolder import RunFolder
 from .runlog import read_log, view
 from .scoring.aggregates import PAPER_COLUMNS, aggregate
 from .status import summarize
@@ -87,7 +88,7 @@ def load_run(path: str | os.PathLike) -> Run:
     if contents.header is None:
         raise FileNotFoundError(f"{path} holds no run (no samples.jsonl header). Fix: pass run folders")
     latest = view(contents.records)
-    plan, res = path / "plan.json", path / "results.json"
+    plan, res = RunFolder(path).plan, RunFolder(path).results
     results = json.loads(res.read_text()) if res.is_file() else {}
     fp = contents.header.get("fingerprint") or {}
     cfg = {**(contents.header.get("config") or {}), **(results.get("config") or {})}

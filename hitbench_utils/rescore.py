@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from .runfolder import RunFolder
 from .runlog import RunLock, RunLog, read_log, view
 
 SCORE_KEYS = ("scores", "score_status", "score_error", "structure", "reference")
@@ -35,7 +36,7 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
     latest = _attach_structure(list(view(contents.records).values()), contents.header, structure_reference)
     t0 = time.time()
     with tqdm(total=len(latest), desc="rescore", unit="record", disable=not progress) as bar:
-        new = rescore_records(latest, data_path=data_path, artifacts_dir=str(run_dir / "charts") if write else None,
+        new = rescore_records(latest, data_path=data_path, artifacts_dir=str(RunFolder(run_dir).charts) if write else None,
                               judge=judge, chart_timeout=chart_timeout, chart_compat=chart_compat, workers=workers,
                               chart_allow_unsealed=chart_allow_unsealed, on_done=lambda _: bar.update(1),
                               structure_reference=structure_reference)
@@ -51,7 +52,7 @@ def rescore_run(run_dir: str | os.PathLike, *, workers: int = 2, chart_compat: b
     if write:
         from .status import summarize, write_results
 
-        results = run_dir / "results.json"
+        results = RunFolder(run_dir).results
         prev = json.loads(results.read_text()) if results.is_file() else {}
         write_results(run_dir, config=prev.get("config", contents.header.get("config", {})), summary=summarize(run_dir),
                       seconds=0.0, backend_info=prev.get("backend"), scoring=report["provenance"])

@@ -22,7 +22,7 @@ from .errors import FingerprintMismatch, LogWriteError, RunExistsError, RunLocke
 from .runfolder import LOCK_NAME, LOG_NAME, RUN_FILES, RunFolder
 from .records import record_type_problem
 
-WRITE_RETRIES = 8         # short writes resumed before the append is declared failed
+WRITE_RETRIES = 8         # writes that make no progress before the append is declared failed
 
 
 def rank_log_name(rank: int) -> str:
@@ -273,14 +273,14 @@ class RunLog:
         data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         if self._fd is None:
             raise RunLogError("the sample log is closed")
-        done = 0
+        done, stalled = 0, 0
         try:
-            for _ in range(WRITE_RETRIES):
-                done += os.write(self._fd, data[done:])
-                if done == len(data):
-                    break
-            else:
-                raise OSError(errno.EIO, f"only {done} of {len(data)} bytes written after {WRITE_RETRIES} tries")
+            while done < len(data):
+                n = os.write(self._fd, data[done:])
+                done += n
+                stalled = 0 if n else stalled + 1
+                if stalled > WRITE_RETRIES:
+                    raise OSError(errno.EIO, f"only {done} of {len(data)} bytes written, then {stalled} empty writes")
             os.fsync(self._fd)
         except OSError as e:
             self._fail(e, done)

@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import RunLogError
-from .runlog import attempts, read_log, view
+from .runfolder import PLAN, RunFolder
+from .runlog import attempts, needs_retry, read_log, view
 
-PLAN = "plan.json"
 
 
 def write_plan(run_dir: str | os.PathLike, ids: list[int], max_attempts: int) -> None:
@@ -59,8 +59,8 @@ def summarize(run_dir: str | os.PathLike) -> dict:
     max_attempts = int(plan.get("max_attempts", 3))
     recs = [latest[i] for i in ids if i in latest]
     errors = Counter(r["status"] for r in recs if r["status"] != "ok")
-    permanent = [r["id"] for r in recs if r["status"] != "ok" and tries[int(r["id"])] >= max_attempts]
-    retryable = [r["id"] for r in recs if r["status"] != "ok" and tries[int(r["id"])] < max_attempts]
+    permanent = [r["id"] for r in recs if r["status"] != "ok" and (r.get("permanent") or tries[int(r["id"])] >= max_attempts)]
+    retryable = [r["id"] for r in recs if needs_retry(r) and tries[int(r["id"])] < max_attempts]
     never = [i for i in ids if i not in latest]
     s = {
         "run_dir": str(run_dir), "total": len(ids), "ok": sum(r["status"] == "ok" for r in recs),
@@ -119,9 +119,9 @@ def write_results(run_dir: str | os.PathLike, *, config: dict, summary: dict, se
         aggregates = {"error": f"{type(e).__name__}: {e}"}
     from .scoring.aggregates import run_key
     prev = {}
-    if (run_dir / "results.json").is_file():
+    if RunFolder(run_dir).results.is_file():
         try:
-            prev = json.loads((run_dir / "results.json").read_text())
+            prev = json.loads(RunFolder(run_dir).results.read_text())
         except json.JSONDecodeError:
             prev = {}
     out = {"run_key": run_key(str(run_dir), config), "config": config, "backend": backend_info or prev.get("backend"),
@@ -131,7 +131,7 @@ def write_results(run_dir: str | os.PathLike, *, config: dict, summary: dict, se
                                               "total_s": round(prev.get("time", {}).get("total_s", 0) + seconds, 3),
                                               "sample_latency_sum_s": round(sum(r.get("latency_s", 0) for r in recs), 3)},
            "written": time.time()}
-    _atomic_json(run_dir / "results.json", out)
+    _atomic_json(RunFolder(run_dir).results, out)
     return out
 
 

@@ -81,7 +81,8 @@ def test_non_utf8_table_is_an_error_record_naming_file_and_offset(data, tmp_path
     # opt-in: the known encoding decodes it, and the record says so
     _run(data, tmp_path / "run2", tiny_backend, ids=[1], table_encoding="latin-1")
     r = view(read_log(tmp_path / "run2").records)[1]
-    assert r["status"] == "ok" and any("decoded as iso8859-1" in d for d in r["degraded"])
+    assert r["status"] == "ok" and any(d["kind"] == "table_encoding" and "decoded as iso8859-1" in d["detail"]
+                                       for d in r["degraded"])
     with pytest.raises(ConfigError, match="table_encoding='klingon'"):
         RunConfig(table_encoding="klingon").validate()
 
@@ -166,7 +167,8 @@ def test_unknown_question_type_warns_gets_default_prompt_and_is_kept_apart(data,
     from hitbench_utils.prompts import build_prompt, load_templates
 
     t = load_templates()
-    assert build_prompt(t, qs[0], "text", "csv", "x").system == t.data["system"]["default"]
+    default = t.data["instruction"]["default"]                   # the default wording, for an unknown type
+    assert build_prompt(t, qs[0], "text", "csv", "x").messages()[-1]["content"][-1]["text"].count(default) == 1
     _run(data, tmp_path / "run", tiny_backend, ids=[1, 2], score=True)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     agg = res["aggregates"]

@@ -104,6 +104,7 @@ def test_bad_requests_are_refused(run, tiny_backend):
         debug.rerun(run, 2, overrides={"temperature": 0.7}, backend=tiny_backend)
 
 
+@pytest.mark.slow
 def test_debug_notebook_under_papermill_commits_one_new_attempt(run, tmp_path):
     n_before = len(read_log(run).records)
     pm.execute_notebook(str(NB), str(tmp_path / "debug.ipynb"), progress_bar=False,

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from hitbench_utils.run import run
 from hitbench_utils.runlog import read_log, view
 
@@ -26,6 +28,7 @@ def count_records(path):
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_redoes_only_the_in_flight_sample(tmp_path, sample_data, tiny_backend):
     n, k = 14, 5
     run_dir = tmp_path / "run"

@@ -195,6 +195,7 @@ class KillsTheServer(OpenAIBackend):
         return res
 
 
+@pytest.mark.slow
 def test_a_run_survives_a_server_restart(server, sample_data, tmp_path):
     be = KillsTheServer("openai:" + server.model, base_url=server.url, tokenizer=server.model, concurrency=4,
                         max_retries=40, backoff_base=0.5, backoff_max=2.0, server=server, after=3)

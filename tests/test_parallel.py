@@ -108,6 +108,7 @@ def test_claim_order_puts_large_tables_first_and_charges_a_prefix_once(tmp_path,
     assert question_cost(100_000, False) < question_cost(100_000, True) / 10
 
 
+@pytest.mark.slow
 def test_two_processes_merge_to_one_record_per_id_then_resume_with_one(tmp_path, sample_data):
     run_dir = tmp_path / "run"
     s = run(data_path=str(sample_data), run_dir=str(run_dir), limit=16, num_processes=2, **BASE)
@@ -130,6 +131,7 @@ def test_two_processes_merge_to_one_record_per_id_then_resume_with_one(tmp_path,
     assert {p.name: p.stat().st_size for p in run_dir.glob("samples*.jsonl")} == before
 
 
+@pytest.mark.slow
 def test_a_killed_rank_loses_only_its_in_flight_samples(tmp_path, sample_data):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -163,6 +165,7 @@ def test_a_killed_rank_loses_only_its_in_flight_samples(tmp_path, sample_data):
     one_record_per_id(run_dir, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import accelerate"]).returncode != 0, reason="accelerate is not installed")
 def test_accelerate_launch_runs_the_same_workers(tmp_path, sample_data):
     run_dir = tmp_path / "run"

@@ -22,7 +22,8 @@ def requests(sample_data, modality, fmt, n):
     return out
 
 
-@pytest.mark.parametrize("modality,fmt,n", [("text", "csv", 40), ("mix", "markdown", 12), ("text", "html", 8)])
+@pytest.mark.parametrize("modality,fmt,n", [pytest.param("text", "csv", 40, marks=pytest.mark.slow), ("mix", "markdown", 12),
+                                            ("text", "html", 8)])
 def test_prefix_engine_matches_plain_generate_token_for_token(tiny_backend, sample_data, modality, fmt, n):
     reqs = requests(sample_data, modality, fmt, n)
     settings = GenSettings(max_new_tokens=32)

@@ -11,6 +11,7 @@ from hitbench_utils.status import summarize
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "infer.ipynb"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_truncated_normal_and_lfs_stub_records(tmp_path, real_data):
     run_dir = tmp_path / "run"

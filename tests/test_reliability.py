@@ -175,6 +175,7 @@ N_IDS = 60
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill9_torture_60_samples_20_kills(tmp_path, sample_data, zygote):
     """SIGKILL a 60-sample job at 20 random moments across resumes, some right on a write, with torn

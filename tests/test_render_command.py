@@ -26,7 +26,7 @@ def test_only_lfs_stubs_exit_0_and_are_listed(data, tmp_path, capsys):
         p.write_text(STUB)
     assert main(["render", "--data", str(data), "--out", str(tmp_path / "img")]) == 0
     out = capsys.readouterr().out
-    assert "10 tables: 9 rendered, 0 already there, 1 failed" in out
+    assert "14 tables: 13 rendered, 0 already there, 1 failed" in out
     assert re.search(r"1 without an image because every source is a Git LFS pointer stub.*: sales-sample01$", out, re.M)
     entry = json.loads((tmp_path / "img" / "manifest.json").read_text())[name]
     assert entry["ok"] is False and entry["failure"] == "lfs_stub" and len(entry["errors"]) == 2
@@ -46,24 +46,24 @@ def test_html_pages_that_are_not_tables_are_skipped(data, tmp_path, capsys):
     for page in ("test", "chart_metric_util"):
         (data / "html" / f"{page}.html").write_text(PAGE)
     r = render_dataset(data, tmp_path / "img", progress=False)
-    assert (r["tables"], r["rendered"], r["failed"], r["not_tables"]) == (10, 10, 0, ["chart_metric_util", "test"])
+    assert (r["tables"], r["rendered"], r["failed"], r["not_tables"]) == (14, 14, 0, ["chart_metric_util", "test"])
     manifest = json.loads((tmp_path / "img" / "manifest.json").read_text())
     assert "test" not in manifest and not (tmp_path / "img" / "test.png").exists()
     (data / "html" / "html-only-sample.html").write_text(
         "<html><body><table><tr><td>a</td><td>1</td></tr></table></body></html>")     # a table without xlsx: drawn
     assert main(["render", "--data", str(data), "--out", str(tmp_path / "img")]) == 0
     out = capsys.readouterr().out
-    assert "11 tables: 1 rendered, 10 already there, 0 failed" in out and "2 html files skipped, not tables" in out
+    assert "15 tables: 1 rendered, 14 already there, 0 failed" in out and "2 html files skipped, not tables" in out
     assert json.loads((tmp_path / "img" / "manifest.json").read_text())["html-only-sample"]["source"] == "html"
 
 
 def test_progress_counts_the_tables_drawn(data, tmp_path, capsys):
     main(["render", "--data", str(data), "--out", str(tmp_path / "img")])
-    assert "10/10" in capsys.readouterr().err
+    assert "14/14" in capsys.readouterr().err
     (tmp_path / "img" / "survey-sample08.png").unlink()
     main(["render", "--data", str(data), "--out", str(tmp_path / "img")])
     err = capsys.readouterr().err
-    assert "1/1" in err and "10/10" not in err        # the 9 already there are not counted as work done
+    assert "1/1" in err and "14/14" not in err        # the 13 already there are not counted as work done
 
 
 @pytest.mark.shared

@@ -108,6 +108,7 @@ def test_largest_tables(real_data, qwen_tokenizer, fmt, name, budget):
         assert partial and kept == 2 and cut.text.startswith(table[:table.index("\n", table.index("\n") + 1) + 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", T.FORMATS)
 def test_sample_of_real_tables_at_a_third(real_data, qwen_tokenizer, fmt):
     """60 random files per format (seeded; files under 100 KB to keep the test fast) cut to 1/3."""
