@@ -43,21 +43,34 @@ class Flow:
             out.append(pol.first())
         return out
 
-    def source(self, groups: Iterable[list[Prepared]], chunk: int = 1) -> Iterator[list[GenRequest]]:
-        """Each pull: what the policies sent back, then new groups until the pull holds ``chunk`` requests
-        (the engine's own unit: a batch for plain batching, one group where the engine keeps slots)."""
+    def source(self, groups: Iterable[list[Prepared]], chunk: int | None = None) -> Iterator[list[GenRequest]]:
+        """Each pull: what the policies sent back, then new work. ``chunk`` is the engine's unit: None, one
+        whole prefix group (an engine that keeps slots decoding across pulls); a number, at most that many
+        requests in all (a batch), so the samples in progress stay within it."""
         it = iter(groups)
         exhausted = False
+        fresh: deque[GenRequest] = deque()         # admitted, not yet handed to the engine
         while True:
             out = list(self.queue)
             self.queue.clear()
-            while not exhausted and len(out) < chunk:
-                group = next(it, None)
-                if group is None:
-                    exhausted = True
-                else:
-                    out += self.admit(group)
-            if not out and not self.in_flight:
+            room = (1 if not out else 0) if chunk is None else chunk - len(out)
+            while room > 0:
+                if not fresh and not exhausted:
+                    group = next(it, None)
+                    if group is None:
+                        exhausted = True
+                    else:
+                        fresh.extend(self.admit(group))
+                        continue
+                if not fresh:
+                    break
+                if chunk is None:
+                    out += fresh
+                    fresh.clear()
+                    break
+                out.append(fresh.popleft())
+                room -= 1
+            if not out and not self.in_flight and exhausted and not fresh:
                 return
             self.in_flight += len(out)
             yield out                # empty: wait for answers in flight

@@ -136,7 +136,7 @@ class SlotEngine:
 
     answers: dict[int, list[Any]]
     slots: int = 3
-    chunk = 1
+    chunk = None         # a whole group per pull, as the shared-prefix engine takes it
 
     def __post_init__(self) -> None:
         self.log: list[tuple[str, Any]] = []

@@ -42,9 +42,9 @@ class PrefixEngine(Engine):
                       "prefix_times": [], "suffix_times": []}
 
     @property
-    def chunk(self) -> int:
-        """One prefix group per pull: the slots keep decoding across pulls, and re-asks get in at once."""
-        return 1
+    def chunk(self) -> None:
+        """One whole prefix group per pull: the slots keep decoding across pulls, and re-asks get in at once."""
+        return None
 
     def run(self, requests: list[GenRequest], settings: GenSettings
             ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
