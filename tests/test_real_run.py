@@ -17,7 +17,7 @@ def test_truncated_normal_and_lfs_stub_records(tmp_path, real_data):
     run_dir = tmp_path / "run"
     pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), progress_bar=False,
                         parameters=dict(data_path=str(real_data), format="markdown", ids="[1464, 2016, 1]",
-                                        run_dir=str(run_dir)))
+                                        run_dir=str(run_dir), max_error_share=0.5))   # a third of this pick is a stub
     recs = view(read_log(run_dir).records)
     big, stub, normal = recs[1464], recs[2016], recs[1]
     assert big["status"] == "ok" and big["truncated"] and big["input_tokens_sent"] <= 100_000
