@@ -73,8 +73,9 @@ def main() -> int:
                         format="html", run_dir=f"/tmp/mix_{budget}", max_pixels=budget, max_reasks=0, score=False)
         job = Job(cfg, backend=backend, progress=False)
         header = job.header()
+        prep = job.preparer()
         for q in job.queries:
-            p = job.preparer().prepare(q, 1)
+            p = prep.prepare(q, 1)
             row = {"max_pixels": budget or "default (16,777,216)", "id": q.id, "file": q.file_name,
                    "image_size": p.record.image_size, "image_size_sent": p.record.image_size_sent,
                    "image_tokens": p.record.image_tokens, "input_tokens": p.record.input_tokens_sent,

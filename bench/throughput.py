@@ -254,8 +254,9 @@ def run_bench(out: Path, batch_size: int, limit: int | None, smoke: bool = False
                     run_dir="/tmp/bench_run", max_new_tokens=MAX_NEW, max_reasks=0, score=False, limit=limit)
     job = Job(cfg, backend=backend, progress=False)
     job.header()
+    prep = job.preparer()
     t0 = time.time()
-    prepared = [job.preparer().prepare(q, 1) for q in job.queries]
+    prepared = [prep.prepare(q, 1) for q in job.queries]
     prep_s = time.time() - t0
     reqs = [p.request for p in prepared if p.request is not None]
     for r in reqs:
