@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import data as D
 from .backends.base import GenRequest
+from .engine.prefixes import cut
 from .errors import TruncationError
 from .images import fit_image, halve_pixels
 from .pairing import StructurePlan
@@ -46,6 +47,8 @@ class Preparer:
         self.data_path, self.image_dir, self.hook = data_path, image_dir, request_hook
         self.structure = structure or StructurePlan()     # which file each question reads (SC: _swap)
         self.reask = reask_text(templates) if cfg.max_reasks else ""
+        shares = cfg.share_prefix and getattr(getattr(backend, "capabilities", None), "shared_prefix", False)
+        self.cuts: dict | None = {} if shares else None    # recent prefixes' tokenizations, for ``cut``
 
     def request(self, p: Prepared, messages: list[dict]) -> GenRequest:
         req = GenRequest(p.record.id, messages, p.image, p.record.input_tokens_sent, share_from=p.prompt.suffix)
@@ -70,6 +73,8 @@ class Preparer:
                 rec.image_size, rec.image_size_sent = list(original.size), list(p.image.size)
                 rec.image_tokens = self.backend.image_tokens(p.image)
             p.request = self.request(p, self.fit(p))
+            if self.cuts is not None:       # the engine's prefix split, made here rather than in the GPU's thread
+                p.request.cut = cut(self.backend, p.request, self.cuts)
         except Exception as e:  # noqa: BLE001 - a failed preparation is the sample's record
             rec.fail(e)
         rec.prepare_s = time.perf_counter() - t0

@@ -24,7 +24,8 @@ from hitbench_utils.runlog import read_log, view
 
 CHILD = r"""
 import json, os, sys
-from hitbench_utils import engine as E, prefix_engine as P
+from hitbench_utils import engine as E
+from hitbench_utils.engine import scheduler as P
 counter = sys.argv[3]
 
 def counting(run_stream):

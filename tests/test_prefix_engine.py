@@ -60,7 +60,6 @@ def test_questions_of_different_tables_share_decode_steps_and_stay_exact(tiny_ba
 def test_rows_moved_down_when_slots_free_stay_exact(tiny_backend, sample_data):
     """When questions finish, the busy slots above are moved into the free ones below (their KV copied),
     so a pool's last long answers step over a few slots, not all of them; outputs do not change."""
-    from hitbench_utils.engine.kv_pool import SlotPool
 
     reqs = requests(sample_data, "text", "csv", 24)
     for i, r in enumerate(reqs):
@@ -71,25 +70,31 @@ def test_rows_moved_down_when_slots_free_stay_exact(tiny_backend, sample_data):
     got = {r.key: res for r, res, _ in engine.run(reqs, settings)}
     assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
     assert engine.stats["moves"] > 0
-    # the pool itself: slot 3 alone is left, it moves to slot 0 and steps at size 1
-    pool = SlotPool(tiny_backend.model, 4, 1024, "cpu", graphs=False)
-    for k in range(4):
-        assert pool.take() == k
-        pool.prefill(k, [100 + k, 200, 300 + k], 0, 0)
-        pool.start(k, 7 + k)
-    ref = pool.step()[3].clone()
-    for k in range(3):
-        pool.release(k)
-    assert pool.compact() == {3: 0} and sorted(pool.free) == [1, 2, 3] and pool.n[0] == 4
-    again = SlotPool(tiny_backend.model, 1, 1024, "cpu", graphs=False)
-    again.take()
-    again.prefill(0, [103, 200, 303], 0, 0)
-    again.start(0, 10)
-    assert torch_close(again.step()[0], ref)
-    pool.tok[0] = int(ref.argmax())
-    again.tok[0] = int(ref.argmax())
-    moved, alone = pool.step(), again.step()
-    assert moved.shape[0] == 1 and torch_close(moved[0], alone[0])
+    # the pool itself: request "d" alone is left in slot 3; it moves to slot 0 and steps at size 1
+    from hitbench_utils.engine.runner import ModelRunner
+
+    runner = ModelRunner(tiny_backend, graphs=False)
+    pool = runner.new_pool(4, 1024)
+    for k, rid in enumerate("abcd"):
+        assert pool.add(rid) == k
+        runner.prefill(pool, rid, [100 + k, 200, 300 + k], 0, 0)
+        pool.start(rid, 7 + k)
+    logits = runner.step(pool)
+    ref, picks = logits[3].clone(), logits.argmax(-1)
+    assert pool.advance(picks) == {rid: int(picks[k]) for k, rid in enumerate("abcd")}
+    for rid in "abc":
+        pool.release(rid)
+    assert pool.span() == 4 and pool.compact() == 1 and pool.slot("d") == 0 and pool.span() == 1
+    assert pool.room == 3 and pool.length_of("d") == 4
+    alone = runner.new_pool(1, 1024)
+    alone.add("d")
+    runner.prefill(alone, "d", [103, 200, 303], 0, 0)
+    alone.start("d", 10)
+    first = runner.step(alone)
+    assert torch_close(first[0], ref)
+    alone.advance(first.argmax(-1))
+    moved, single = runner.step(pool), runner.step(alone)
+    assert moved.shape[0] == 1 and torch_close(moved[0], single[0])
 
 
 def _cuda() -> bool:
@@ -137,13 +142,14 @@ def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny
     def boom(*a, **k):
         calls.append(1)
         if len(calls) == (2 if where == "prefix with a pool" else 1):
-            failed.append(len(a[4]) if where == "suffix" else 1)
+            failed.append(len(a[2]) if where == "suffix" else 1)
             raise SampleOOM(f"injected OOM in the {where}")
         return real(*a, **k)
 
-    from hitbench_utils.engine.kv_pool import SlotPool
-    target = {"prefix": (PrefixEngine, "_prefix"), "prefix with a pool": (PrefixEngine, "_prefix"), "suffix": (SlotPool, "prefill_group"), "step": (SlotPool, "step"),
-              "step mid-group": (SlotPool, "step")}[where]
+    from hitbench_utils.engine.runner import ModelRunner
+    target = {"prefix": (PrefixEngine, "_prefix"), "prefix with a pool": (PrefixEngine, "_prefix"),
+              "suffix": (ModelRunner, "prefill_group"), "step": (ModelRunner, "step"),
+              "step mid-group": (ModelRunner, "step")}[where]
     real = getattr(target[0], target[1])
     monkeypatch.setattr(target[0], target[1], lambda *a, **k: boom(*a, **k))
     out = list(engine.run(reqs, settings))
@@ -259,31 +265,24 @@ def test_an_empty_chunk_advances_the_work_in_flight(tiny_backend, sample_data, c
     assert (len(asked) > 0) == (cls is PrefixEngine)     # the plain engine finishes each chunk before the next
 
 
-@pytest.mark.parametrize("P,lens", [(700, [3, 5, 1]), (5000, [40, 7, 19, 2])])   # the second splits its queries
-def test_packed_attention_over_a_shared_prefix_matches_sdpa_per_segment(P, lens, monkeypatch):
-    """Several suffixes packed after one prefix: each query sees the whole prefix and its own segment's
-    earlier keys, exactly as one causal attention over (prefix + that suffix) alone."""
+@pytest.mark.parametrize("P,T", [(700, 3), (5000, 40), (0, 7)])
+def test_attention_after_a_prefix_sees_the_prefix_and_its_own_earlier_tokens(P, T):
+    """A suffix's queries after ``P`` keys: query t sees keys 0..P+t, and query head h reads KV head
+    h // (heads per KV head), as the model's own attention over (prefix + suffix) does."""
     import torch
-    import torch.nn.functional as F
 
-    from hitbench_utils.engine import attention
+    from hitbench_utils.engine.attention import attend_after
 
-    monkeypatch.setattr(attention, "SCORES_CAP", 2**18)
     g = torch.Generator().manual_seed(1)
-    H, D, S = 2, 16, sum(lens)
-    q, Ks, Vs = (torch.randn(1, H, S, D, generator=g) for _ in range(3))
-    Kp, Vp = (torch.randn(1, H, P, D, generator=g) for _ in range(2))
-    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    off = torch.arange(S) - torch.tensor([0] + lens[:-1]).cumsum(0)[seg]
-    mask = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])
-    got = attention.attend_prefixed(q, Kp, Vp, Ks, Vs, mask, 0.25)
-    a = 0
-    for n in lens:
-        K, V = torch.cat([Kp, Ks[:, :, a:a + n]], 2), torch.cat([Vp, Vs[:, :, a:a + n]], 2)
-        causal = torch.ones(n, P + n, dtype=torch.bool).tril(P)
-        ref = F.scaled_dot_product_attention(q[:, :, a:a + n], K, V, attn_mask=causal, scale=0.25)
-        assert torch.allclose(got[:, :, a:a + n], ref, atol=1e-5, rtol=1e-4), (P, lens, a)
-        a += n
+    heads, kv, D = 8, 2, 16
+    q = torch.randn(1, heads, T, D, generator=g)
+    K, V = (torch.randn(1, kv, P + T, D, generator=g) for _ in range(2))
+    got = attend_after(q, K, V, 0.25)
+    Kr, Vr = K.repeat_interleave(heads // kv, 1), V.repeat_interleave(heads // kv, 1)
+    s = (q @ Kr.transpose(-1, -2)) * 0.25
+    visible = torch.arange(P + T)[None, :] <= P + torch.arange(T)[:, None]
+    ref = s.masked_fill(~visible, float("-inf")).softmax(-1) @ Vr
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_job_request_hook_sees_every_request_first_ask_and_reask(tmp_path, tiny_backend, sample_data):

@@ -29,6 +29,7 @@ class GenRequest:
     input_tokens: int | None = None
     share_from: str | None = None      # the text the shareable prefix ends before (the question part)
     max_new_tokens: int | None = None  # a per-request cap (benchmarks script output lengths with it)
+    cut: Any = None                    # the shared-prefix engine's split of the prompt, made in preparation
 
 
 @dataclass

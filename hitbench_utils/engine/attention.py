@@ -79,53 +79,22 @@ def attend(q: Any, K: Any, V: Any, mask: Any, scale: float) -> Any:
     return torch.matmul(pc, V.view(B, H, chunks, L // chunks, D)).float().sum(2).to(V.dtype)
 
 
+def attend_after(q: Any, K: Any, V: Any, scale: float) -> Any:
+    """Causal attention of ``T`` new queries that follow ``L - T`` earlier keys (bottom-right aligned:
+    query ``t`` sees keys ``0 .. L - T + t``). q [1, heads, T, D], K/V [1, kv heads, L, D] (grouped query
+    heads share their KV head, never repeated). On a GPU this is one flash-attention call; float32 scores
+    split under ``SCORES_CAP`` took 5.5 s for 7 suffixes on a 79K-token prefix on an H200."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    T, L = q.shape[2], K.shape[2]
+    return F.scaled_dot_product_attention(q, K, V, attn_mask=causal_lower_right(T, L), scale=scale,
+                                          enable_gqa=q.shape[1] != K.shape[1])
+
+
 def rope(x: Any, cos: Any, sin: Any) -> Any:
     import torch
 
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-
-
-def attend_prefixed(q: Any, Kp: Any, Vp: Any, Ks: Any, Vs: Any, mask: Any, scale: float) -> Any:
-    """Attention of packed queries over a shared prefix that every query sees (``Kp``/``Vp``, no mask)
-    and over the packed keys of the queries' own segments (``Ks``/``Vs``, ``mask`` [M, S]): several
-    suffixes on one prefix in one pass. The two softmax halves are joined by their common maximum.
-
-    q [1, kvh, M, D] (query heads of one KV head folded into M), Kp/Vp [1, kvh, P, D], Ks/Vs [1, kvh, S, D].
-    """
-    import torch
-
-    _, H, M, D = q.shape
-    L = Kp.shape[2] + Ks.shape[2]
-    if M > 1 and H * M * L > SCORES_CAP:
-        h = M // 2
-        return torch.cat([attend_prefixed(q[:, :, :h], Kp, Vp, Ks, Vs, mask[:h], scale),
-                          attend_prefixed(q[:, :, h:], Kp, Vp, Ks, Vs, mask[h:], scale)], dim=2)
-    s1 = torch.matmul(q, Kp.transpose(-1, -2)).float() * scale                # [1, H, M, P]
-    s2 = (torch.matmul(q, Ks.transpose(-1, -2)).float() * scale).masked_fill(~mask, float("-inf"))
-    m = torch.maximum(s1.amax(-1, keepdim=True), s2.amax(-1, keepdim=True))
-    p1, p2 = (s1 - m).exp(), (s2 - m).exp()
-    total = p1.sum(-1, keepdim=True) + p2.sum(-1, keepdim=True)
-    p1, p2 = (p1 / total).to(Vp.dtype), (p2 / total).to(Vs.dtype)
-    return (_weighted_sum(p1, Vp) + torch.matmul(p2, Vs).float()).to(Vs.dtype)
-
-
-def _weighted_sum(p: Any, V: Any) -> Any:
-    """p [B, H, M, L] @ V [B, H, L, D] in float32, over key chunks in parallel as in ``attend``: with few
-    query rows and long keys one matmul has too little parallel work (a reduction over all L keys)."""
-    import torch
-
-    B, H, M, L = p.shape
-    chunks = 1
-    while B * H * chunks < 1024 and L // (chunks * 2) >= 256:
-        chunks *= 2
-    n = L // chunks * chunks
-    if chunks == 1:
-        return torch.matmul(p, V).float()
-    c = n // chunks
-    pc = p[..., :n].reshape(B, H, M, chunks, c).transpose(2, 3)                # [B, H, C, M, c]
-    out = torch.matmul(pc, V[:, :, :n].reshape(B, H, chunks, c, V.shape[-1])).float().sum(2)
-    if n < L:
-        out = out + torch.matmul(p[..., n:], V[:, :, n:]).float()
-    return out

@@ -14,26 +14,41 @@ from typing import Any
 from ..backends.base import GenRequest, GenSettings
 
 
-def _cache_kw(model: Any) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both spellings."""
-    import inspect
+@dataclass
+class Cut:
+    """Where a prompt splits: its shareable prefix (``key`` names it, with its image) and its own tokens.
+    Computed by ``cut`` in a preparation worker, so the GPU's thread does not tokenize whole tables."""
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key: str
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    prefix_len: int          # prefix tokens, image tokens included
 
 
 @dataclass
 class _Split:
     req: GenRequest
-    prefix_text: str
-    suffix_ids: list[int]
-    key: str
-    prefix_len: int
-    prefix_ids: list[int]
+    cut: Cut
+
+    @property
+    def key(self) -> str:
+        return self.cut.key
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        return self.cut.prefix_ids
+
+    @property
+    def suffix_ids(self) -> list[int]:
+        return self.cut.suffix_ids
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cut.prefix_len
 
 
 @dataclass
 class _Group:
-    prefix_text: str
     image: Any
     prefix_len: int
     members: list[_Split] = field(default_factory=list)
@@ -44,8 +59,15 @@ class _Group:
 
 
 def split(be: Any, r: GenRequest, cache: dict[bytes, list[int]]) -> _Split | None:
+    """The request and its cut: the one its preparation computed, else computed now."""
+    c = r.cut if r.cut is not None else cut(be, r, cache)
+    return None if c is None else _Split(r, c)
+
+
+def cut(be: Any, r: GenRequest, cache: dict[bytes, list[int]]) -> Cut | None:
     """Cut a request at the last token boundary before ``share_from`` that tokenizes the same on its
-    own; None when there is none (the request then runs plain)."""
+    own; None when there is none (the request then runs plain). ``cache`` keeps recent prefixes'
+    tokenizations (a table's further questions cut at the same text)."""
     if not r.share_from:
         return None
     text = be.chat_text(r.messages)
@@ -63,7 +85,7 @@ def split(be: Any, r: GenRequest, cache: dict[bytes, list[int]]) -> _Split | Non
             img = b"" if r.image is None else hashlib.sha1(r.image.tobytes()).digest() + repr(r.image.size).encode()
             key = hashlib.sha1(prefix_text.encode() + b"\0" + img).hexdigest()
             extra = max(0, (r.input_tokens or 0) - len(ids)) if r.image is not None else 0  # image tokens
-            return _Split(r, prefix_text, ids[k:], key, k + extra, ids[:k])
+            return Cut(key, ids[:k], ids[k:], k + extra)
         k -= 1
     return None
 

@@ -1,170 +1,273 @@
-"""The model runner: the engine's own passes of the text decoder over a ``SlotPool``'s KV memory.
+"""The model runner: the text decoder's passes over a ``KVPool``, and the decode step's CUDA graphs.
 
+- ``prefix``: the model's own forward over a group's first whole prompt (images enter only here);
+- ``load``: that prefix's cache copied into a request's slot;
+- ``prefill_group``: all of a group's further questions in one packed pass over its prefix: the
+  projections and MLP run once over the packed suffixes, each suffix attends to the prefix and its own
+  earlier tokens (one flash-attention call each), and its keys and values land in its own slot;
 - ``prefill``: tokens after those already in one slot (eager);
-- ``prefill_group``: all of a prefix group's further questions in one packed pass over the group's
-  shared prefix cache: each suffix attends to the prefix and to its own earlier tokens, and its keys
-  and values land in its own slot, after a copy of the prefix;
-- ``step``: one decode token for the first ``S`` slots (what the pool replays as a CUDA graph).
+- ``step``: one decode token for every busy slot, replayed as one CUDA graph per step size.
 
-Images enter only through the prefix, which the model's own forward computes.
+The passes use the model's own modules (projections, norms, rotary embedding, MLP, head), so the
+weights and the arithmetic are the model's; only the attention is ours (``attention``).
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Hashable
 
-from .attention import attend, attend_prefixed, norm, rope
+from .attention import attend, attend_after, fuse_projections, norm, rope, text_model
+from .kv_pool import KVPool, KVShape
 
 CHUNK = 1024          # keys read by a slot prefill: whole chunks, masked past the slot's length
 
 
-def _qkv(pool: Any, li: int, layer: Any, x: Any) -> tuple[Any, Any, Any]:
-    import torch.nn.functional as F
+class ModelRunner:
+    """Model execution for the shared-prefix engine; the scheduler decides what runs, this runs it."""
 
-    a = layer.self_attn
-    if pool.fused[li] is None:
-        return a.q_proj(x), a.k_proj(x), a.v_proj(x)
-    nq, nk = pool.nh * pool.hd, pool.kvh * pool.hd
-    return F.linear(x, pool.fused[li][0]).split((nq, nk, nk), dim=-1)
+    def __init__(self, backend: Any, graphs: bool) -> None:
+        self.backend, self.model = backend, backend.model
+        tm = self.tm = text_model(self.model)
+        cfg = tm.config
+        self.layers = list(tm.layers)
+        self.nh, self.kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.groups = self.nh // self.kvh
+        self.device = str(backend.device)
+        self.fused = [fuse_projections(layer) for layer in self.layers]
+        self.use_graphs = graphs
+        self.capture_s = 0.0
+        self._graphs: dict[int, tuple[Any, Any]] = {}     # step size -> (graph, its logits), for _graph_pool
+        self._graph_pool: KVPool | None = None
+        self._mempool: Any = None
 
+    @property
+    def shape(self) -> KVShape:
+        return KVShape(len(self.layers), self.kvh, self.hd, self.tm.embed_tokens.weight.dtype)
 
-def _mlp(pool: Any, li: int, layer: Any, x: Any) -> Any:
-    import torch.nn.functional as F
+    def new_pool(self, slots: int, length: int) -> KVPool:
+        self.drop_graphs()
+        return KVPool(self.shape, slots, length, self.device)
 
-    mlp = layer.mlp
-    if pool.fused[li] is None:
-        return mlp(x)
-    gate, up = F.linear(x, pool.fused[li][1]).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    def drop_graphs(self) -> None:
+        """Graphs read one pool's memory: they go with it."""
+        self._graphs, self._graph_pool = {}, None
 
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
 
-def _heads(pool: Any, layer: Any, qkv: tuple[Any, Any, Any], B: int, T: int, cos: Any, sin: Any
-           ) -> tuple[Any, Any, Any]:
-    """q [B, nh, T, hd], k/v [B, kvh, T, hd]: the model's q/k norms, then its rotary embedding."""
-    a = layer.self_attn
-    q, k, v = qkv
-    q = norm(a.q_norm, q.view(B, T, pool.nh, pool.hd)).transpose(1, 2)
-    k = norm(a.k_norm, k.view(B, T, pool.kvh, pool.hd)).transpose(1, 2)
-    v = v.view(B, T, pool.kvh, pool.hd).transpose(1, 2)
-    return rope(q, cos, sin), rope(k, cos, sin), v
+    # ---- prompts --------------------------------------------------------------------------------------
+    def prefix(self, first: Any, image: Any) -> tuple[Any, int, int, Any]:
+        """The model's own forward over a group's first question's whole prompt: the shared prefix's
+        cache (a ``DynamicCache``), its length ``P``, the image's rope delta, and that question's
+        first-token logits, in one pass."""
+        import torch
+        from transformers import DynamicCache
 
+        be, model = self.backend, self.model
+        if image is None:    # already tokenized by the split: no second pass through the processor
+            ids = torch.tensor([first.prefix_ids + first.suffix_ids], device=self.device)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            inputs = be.processor(text=[be.chat_text(first.req.messages)], images=[image], return_tensors="pt").to(self.device)
+        P = inputs["input_ids"].shape[1] - len(first.suffix_ids)
+        inner = getattr(model, "model", model)
+        if hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+        cache = DynamicCache()
+        with torch.no_grad():
+            logits = model(**inputs, **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+        delta = 0
+        if image is not None:
+            rd = getattr(inner, "rope_deltas", None)
+            if rd is None:
+                raise RuntimeError("the model did not expose rope_deltas for an image prefix")
+            delta = int(rd.reshape(-1)[0].item())
+        return cache, P, delta, logits
 
-def _rotary(pool: Any, h: Any, positions: Any) -> tuple[Any, Any]:
-    cos, sin = pool.tm.rotary_emb(h, positions)
-    return cos.unsqueeze(1), sin.unsqueeze(1)
+    def load(self, pool: KVPool, rid: Hashable, cache: Any, n: int, position: int) -> None:
+        """Copy the first ``n`` positions of a batch-1 cache (the model's own prefill) into ``rid``'s slot."""
+        import torch
 
+        slot = pool.slot(rid)
+        with torch.no_grad():
+            for li, layer in enumerate(cache.layers):
+                pool.K[li][slot, :, :n].copy_(layer.keys[0, :, :n])
+                pool.V[li][slot, :, :n].copy_(layer.values[0, :, :n])
+        pool.written(rid, n, position)
 
-def prefill(pool: Any, slot: int, ids: list[int], start: int, position: int) -> Any:
-    """Run ``ids`` after the ``start`` tokens already in ``slot``; the last token's logits."""
-    import torch
+    def prefill_group(self, pool: KVPool, rids: list[Hashable], cache: Any, P: int, suffixes: list[list[int]],
+                      position: int) -> Any:
+        """Each suffix after the ``P`` shared prefix tokens of ``cache``, packed into one sequence; request
+        ``rids[i]`` gets the prefix and suffix ``i``. Returns each suffix's last-token logits [n, vocab].
+        ``position`` is the rotary position of the first suffix token (P, plus the image's rope delta)."""
+        import torch
 
-    T, n = len(ids), start + len(ids)
-    if n > pool.length:
-        raise ValueError(f"slot length {pool.length} < {n} tokens")
-    na = min(pool.length, -(-n // CHUNK) * CHUNK)
-    h = pool.tm.embed_tokens(torch.tensor([ids], device=pool.device))
-    cos, sin = _rotary(pool, h, torch.arange(position, position + T, device=pool.device).view(1, 1, T))
-    causal = pool.keys[None, :na] <= (start + torch.arange(T, device=pool.device))[:, None]
-    mask = causal.repeat(pool.groups, 1)[None, None]                      # [1, 1, G*T, na]
-    for li, layer in enumerate(pool.layers):
+        lens = [len(s) for s in suffixes]
+        if P + max(lens) > pool.length:
+            raise ValueError(f"slot length {pool.length} < {P + max(lens)} tokens")
+        slots = [pool.slot(r) for r in rids]
+        dev, S = self.device, sum(lens)
+        bounds = [(a, a + n) for a, n in zip([0] + list(_cumsum(lens))[:-1], lens)]
+        offset = torch.cat([torch.arange(n, device=dev) for n in lens])         # each token's place in its suffix
+        with torch.no_grad():
+            h = self.tm.embed_tokens(torch.tensor([sum(suffixes, [])], device=dev))
+            cos, sin = self._rotary(h, (position + offset).view(1, 1, S))
+            for li, layer in enumerate(self.layers):
+                a = layer.self_attn
+                q, k, v = self._heads(layer, self._qkv(li, layer, norm(layer.input_layernorm, h)), 1, S, cos, sin)
+                Kp, Vp = cache.layers[li].keys[0, :, :P], cache.layers[li].values[0, :, :P]
+                K, V, outs = pool.K[li], pool.V[li], []
+                for (a0, a1), slot in zip(bounds, slots):
+                    K[slot, :, :P], V[slot, :, :P] = Kp, Vp
+                    K[slot, :, P:P + a1 - a0], V[slot, :, P:P + a1 - a0] = k[0, :, a0:a1], v[0, :, a0:a1]
+                    n = P + a1 - a0
+                    outs.append(attend_after(q[:, :, a0:a1], K[slot:slot + 1, :, :n], V[slot:slot + 1, :, :n], a.scaling))
+                o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, S, self.nh * self.hd)
+                h = h + a.o_proj(o)
+                h = h + self._mlp(li, layer, norm(layer.post_attention_layernorm, h))
+            logits = self.model.lm_head(norm(self.tm.norm, h[0, [b - 1 for _, b in bounds]]))
+        for rid, n in zip(rids, lens):
+            pool.written(rid, P + n, position + n)
+        return logits
+
+    def prefill(self, pool: KVPool, rid: Hashable, ids: list[int], start: int, position: int) -> Any:
+        """Run ``ids`` after the ``start`` tokens already in ``rid``'s slot; the last token's logits."""
+        import torch
+
+        T, n, slot = len(ids), start + len(ids), pool.slot(rid)
+        if n > pool.length:
+            raise ValueError(f"slot length {pool.length} < {n} tokens")
+        na = min(pool.length, -(-n // CHUNK) * CHUNK)
+        with torch.no_grad():
+            h = self.tm.embed_tokens(torch.tensor([ids], device=self.device))
+            cos, sin = self._rotary(h, torch.arange(position, position + T, device=self.device).view(1, 1, T))
+            causal = pool.keys[None, :na] <= (start + torch.arange(T, device=self.device))[:, None]
+            mask = causal.repeat(self.groups, 1)[None, None]                      # [1, 1, G*T, na]
+            for li, layer in enumerate(self.layers):
+                a = layer.self_attn
+                q, k, v = self._heads(layer, self._qkv(li, layer, norm(layer.input_layernorm, h)), 1, T, cos, sin)
+                pool.K[li][slot, :, start:n] = k[0]
+                pool.V[li][slot, :, start:n] = v[0]
+                qq = q.reshape(1, self.kvh, self.groups * T, self.hd)
+                o = attend(qq, pool.K[li][slot:slot + 1, :, :na], pool.V[li][slot:slot + 1, :, :na], mask, a.scaling)
+                o = o.view(1, self.kvh, self.groups, T, self.hd).permute(0, 3, 1, 2, 4).reshape(1, T, self.nh * self.hd)
+                h = h + a.o_proj(o)
+                h = h + self._mlp(li, layer, norm(layer.post_attention_layernorm, h))
+            logits = self.model.lm_head(norm(self.tm.norm, h[:, -1:]))[0, -1]
+        pool.written(rid, n, position + T)
+        return logits
+
+    # ---- decoding -------------------------------------------------------------------------------------
+    def step(self, pool: KVPool) -> Any:
+        """Logits [span, vocab] of the next token of slots 0..span-1 (rows of idle slots are junk); active
+        slots advance by one position. A graph replay on CUDA, captured at a size's first use."""
+        import torch
+
+        size = pool.span()
+        if not self.use_graphs:
+            with torch.no_grad():
+                return self._step(pool, size)
+        if self._graph_pool is not pool:
+            self.drop_graphs()
+            self._graph_pool = pool
+        graph, out = self._graphs.get(size) or self._capture(pool, size)
+        graph.replay()
+        return out
+
+    def _step(self, pool: KVPool, S: int) -> Any:
+        G = self.groups
+        tok, pos, wr, rows = pool.tok[:S], pool.pos[:S], pool.wr[:S], pool.rows[:S]
+        h = self.tm.embed_tokens(tok)[:, None, :]                               # [S, 1, H]
+        cos, sin = self._rotary(h, pos.view(1, S, 1))
+        mask = (pool.keys[None, :] <= wr[:, None])[:, None, None, :]            # [S, 1, 1, L]
+        for li, layer in enumerate(self.layers):
+            a = layer.self_attn
+            q, k, v = self._heads(layer, self._qkv(li, layer, norm(layer.input_layernorm, h)), S, 1, cos, sin)
+            K, V = pool.K[li][:S], pool.V[li][:S]
+            K[rows, :, wr] = k[:, :, 0]
+            V[rows, :, wr] = v[:, :, 0]
+            o = attend(q.reshape(S, self.kvh, G, self.hd), K, V, mask, a.scaling)
+            h = h + a.o_proj(o.reshape(S, 1, self.nh * self.hd))
+            h = h + self._mlp(li, layer, norm(layer.post_attention_layernorm, h))
+        logits = self.model.lm_head(norm(self.tm.norm, h))[:, 0]
+        live = pool.active[:S].long()
+        wr.add_(live)
+        pos.add_(live)
+        return logits
+
+    def _capture(self, pool: KVPool, size: int) -> tuple[Any, Any]:
+        """The step over the first ``size`` slots as a CUDA graph. Warm-up steps run with every slot
+        inactive, so no position advances; they write each slot's current key and value, which the real
+        step writes again. All graphs share one memory pool: they never run at once."""
+        import torch
+
+        t0 = time.perf_counter()
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        saved = pool.active.clone()
+        pool.active.zero_()
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):       # allocator and kernel selection happen outside the graph
+                    self._step(pool, size)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                out = self._step(pool, size)
+        pool.active.copy_(saved)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - t0
+        self._graphs[size] = (graph, out)
+        return graph, out
+
+    # ---- pieces of a layer ----------------------------------------------------------------------------
+    def _qkv(self, li: int, layer: Any, x: Any) -> tuple[Any, Any, Any]:
+        import torch.nn.functional as F
+
         a = layer.self_attn
-        q, k, v = _heads(pool, layer, _qkv(pool, li, layer, norm(layer.input_layernorm, h)), 1, T, cos, sin)
-        pool.K[li][slot, :, start:n] = k[0]
-        pool.V[li][slot, :, start:n] = v[0]
-        qq = q.reshape(1, pool.kvh, pool.groups * T, pool.hd)
-        o = attend(qq, pool.K[li][slot:slot + 1, :, :na], pool.V[li][slot:slot + 1, :, :na], mask, a.scaling)
-        o = o.view(1, pool.kvh, pool.groups, T, pool.hd).permute(0, 3, 1, 2, 4).reshape(1, T, pool.nh * pool.hd)
-        h = h + a.o_proj(o)
-        h = h + _mlp(pool, li, layer, norm(layer.post_attention_layernorm, h))
-    return pool.model.lm_head(norm(pool.tm.norm, h[:, -1:]))[0, -1]
+        if self.fused[li] is None:
+            return a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        nq, nk = self.nh * self.hd, self.kvh * self.hd
+        return F.linear(x, self.fused[li][0]).split((nq, nk, nk), dim=-1)
 
+    def _mlp(self, li: int, layer: Any, x: Any) -> Any:
+        import torch.nn.functional as F
 
-def prefill_group(pool: Any, slots: list[int], cache: Any, P: int, suffixes: list[list[int]], position: int) -> Any:
-    """Each suffix after the ``P`` shared prefix tokens of ``cache`` (a batch-1 cache of the model's own
-    forward), packed into one sequence; slot ``slots[i]`` gets the prefix and suffix ``i``. Returns the
-    last-token logits of each suffix [len(suffixes), vocab]. ``position`` is the rotary position of the
-    first suffix token (P, plus the image's rope delta)."""
-    import torch
+        mlp = layer.mlp
+        if self.fused[li] is None:
+            return mlp(x)
+        gate, up = F.linear(x, self.fused[li][1]).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    dev, G = pool.device, pool.groups
-    lens = [len(s) for s in suffixes]
-    if P + max(lens) > pool.length:
-        raise ValueError(f"slot length {pool.length} < {P + max(lens)} tokens")
-    S = sum(lens)
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
-    starts = torch.tensor([0] + lens[:-1], device=dev).cumsum(0)
-    offset = torch.arange(S, device=dev) - starts[seg]                    # each token's place in its suffix
-    own = (seg[:, None] == seg[None, :]) & (offset[None, :] <= offset[:, None])   # [S, S] block causal
-    mask = own.repeat(G, 1)                                                # [G*S, S]
-    ends = (starts + torch.tensor(lens, device=dev) - 1).tolist()
-    h = pool.tm.embed_tokens(torch.tensor([sum(suffixes, [])], device=dev))
-    cos, sin = _rotary(pool, h, (position + offset).view(1, 1, S))
-    for li, layer in enumerate(pool.layers):
+    def _heads(self, layer: Any, qkv: tuple[Any, Any, Any], B: int, T: int, cos: Any, sin: Any
+               ) -> tuple[Any, Any, Any]:
+        """q [B, nh, T, hd], k/v [B, kvh, T, hd]: the model's q/k norms, then its rotary embedding."""
         a = layer.self_attn
-        q, k, v = _heads(pool, layer, _qkv(pool, li, layer, norm(layer.input_layernorm, h)), 1, S, cos, sin)
-        Kp, Vp = cache.layers[li].keys[:, :, :P], cache.layers[li].values[:, :, :P]
-        for i, slot in enumerate(slots):
-            a0 = ends[i] - lens[i] + 1
-            pool.K[li][slot, :, :P] = Kp[0]
-            pool.V[li][slot, :, :P] = Vp[0]
-            pool.K[li][slot, :, P:P + lens[i]] = k[0, :, a0:ends[i] + 1]
-            pool.V[li][slot, :, P:P + lens[i]] = v[0, :, a0:ends[i] + 1]
-        qq = q.reshape(1, pool.kvh, G * S, pool.hd)
-        o = attend_prefixed(qq, Kp, Vp, k, v, mask, a.scaling)
-        o = o.view(1, pool.kvh, G, S, pool.hd).permute(0, 3, 1, 2, 4).reshape(1, S, pool.nh * pool.hd)
-        h = h + a.o_proj(o)
-        h = h + _mlp(pool, li, layer, norm(layer.post_attention_layernorm, h))
-    return pool.model.lm_head(norm(pool.tm.norm, h[0, ends]))
+        q, k, v = qkv
+        q = norm(a.q_norm, q.view(B, T, self.nh, self.hd)).transpose(1, 2)
+        k = norm(a.k_norm, k.view(B, T, self.kvh, self.hd)).transpose(1, 2)
+        v = v.view(B, T, self.kvh, self.hd).transpose(1, 2)
+        return rope(q, cos, sin), rope(k, cos, sin), v
+
+    def _rotary(self, h: Any, positions: Any) -> tuple[Any, Any]:
+        cos, sin = self.tm.rotary_emb(h, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
-def step(pool: Any, S: int) -> Any:
-    """Logits [S, vocab] of the next token of slots 0..S-1; active slots advance by one position."""
-    G = pool.groups
-    tok, pos, wr, rows = pool.tok[:S], pool.pos[:S], pool.wr[:S], pool.rows[:S]
-    h = pool.tm.embed_tokens(tok)[:, None, :]                               # [S, 1, H]
-    cos, sin = _rotary(pool, h, pos.view(1, S, 1))
-    mask = (pool.keys[None, :] <= wr[:, None])[:, None, None, :]            # [S, 1, 1, L]
-    for li, layer in enumerate(pool.layers):
-        a = layer.self_attn
-        q, k, v = _heads(pool, layer, _qkv(pool, li, layer, norm(layer.input_layernorm, h)), S, 1, cos, sin)
-        K, V = pool.K[li][:S], pool.V[li][:S]
-        K[rows, :, wr] = k[:, :, 0]
-        V[rows, :, wr] = v[:, :, 0]
-        o = attend(q.reshape(S, pool.kvh, G, pool.hd), K, V, mask, a.scaling)
-        h = h + a.o_proj(o.reshape(S, 1, pool.nh * pool.hd))
-        h = h + _mlp(pool, li, layer, norm(layer.post_attention_layernorm, h))
-    logits = pool.model.lm_head(norm(pool.tm.norm, h))[:, 0]
-    live = pool.active[:S].long()
-    wr.add_(live)
-    pos.add_(live)
-    return logits
+def cache_kw(model: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both spellings."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def prefix_forward(be: Any, first: Any, image: Any) -> tuple[Any, int, int, Any]:
-    """The model's own forward over a group's first question's whole prompt: the shared prefix's cache
-    (a ``DynamicCache``), its length ``P``, the image's rope delta, and that question's first-token
-    logits, in one pass."""
-    import torch
-    from transformers import DynamicCache
-
-    from .prefixes import _cache_kw
-
-    model = be.model
-    if image is None:    # already tokenized by the split: no second pass through the processor
-        ids = torch.tensor([first.prefix_ids + first.suffix_ids], device=be.device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    else:
-        inputs = be.processor(text=[be.chat_text(first.req.messages)], images=[image], return_tensors="pt").to(be.device)
-    P = inputs["input_ids"].shape[1] - len(first.suffix_ids)
-    inner = getattr(model, "model", model)
-    if hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-    cache = DynamicCache()
-    with torch.no_grad():
-        logits = model(**inputs, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
-    delta = 0
-    if image is not None:
-        rd = getattr(inner, "rope_deltas", None)
-        if rd is None:
-            raise RuntimeError("the model did not expose rope_deltas for an image prefix")
-        delta = int(rd.reshape(-1)[0].item())
-    return cache, P, delta, logits
+def _cumsum(xs: list[int]) -> list[int]:
+    out, t = [], 0
+    for x in xs:
+        t += x
+        out.append(t)
+    return out

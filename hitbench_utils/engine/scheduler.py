@@ -15,31 +15,43 @@ from typing import Any, Iterable, Iterator
 from ..backends.base import GenRequest, GenResult, GenSettings
 from ..errors import status_of
 from ..records import Degradation
-from . import runner
 from .batching import Engine, free_memory, release_frames
-from .kv_pool import SlotPool, bucket_length, kv_bytes_per_token
-from .prefixes import _Group, _Row, _Split, _cache_kw, _cap, split  # noqa: F401 - _cache_kw re-exported
+from .kv_pool import KVPool, bucket_length
+from .prefixes import _Group, _Row, _Split, _cap, split
+from .runner import ModelRunner
 from .sampling import generator, pick
 
 log = logging.getLogger("hitbench")
 
 
 class PrefixEngine(Engine):
-    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``SlotPool``.
+    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``KVPool``.
     A group that needs longer slots than the pool has, or much shorter ones, waits for the pool to drain
-    (counted as drain steps), then gets a pool sized for it; the slot count follows free memory."""
+    (counted as drain steps), then gets a pool sized for it; the slot count follows free memory.
 
-    def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, **kwargs: Any) -> None:
+    It talks to the KV memory only through the pool's request handle (``add``, ``start``, ``advance``,
+    ``release``), and to the model only through ``runner`` (a ``ModelRunner``, or a stand-in in tests)."""
+
+    def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, runner: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_slots = max_slots
         self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
-        self.pool: SlotPool | None = None
-        self.rows: dict[int, _Row] = {}
+        self._runner = runner
+        self.pool: KVPool | None = None
+        self.rows: dict[int, _Row] = {}          # request handle -> its decoding state
+        self._next_rid = 0
         self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
         self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
                       "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [], "capture_s": 0.0, "moves": 0,
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
                       "prefix_times": [], "suffix_times": []}
+
+    @property
+    def runner(self) -> Any:
+        if self._runner is None:      # built on first use: it fuses the model's projections
+            self._runner = ModelRunner(self.backend, self.graphs)
+        return self._runner
 
     @property
     def chunk(self) -> None:
@@ -80,7 +92,8 @@ class PrefixEngine(Engine):
     def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         yield from self._drain(settings)
         self.pool = None
-        free_memory()
+        self.runner.drop_graphs()
+        _empty_cache()
 
     def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings
                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
@@ -135,24 +148,23 @@ class PrefixEngine(Engine):
                 yield from self._fallback(g.members, e, settings)
                 return
         first, rest = g.members[0], g.members[1:]
-        while self.pool is not None and not self.pool.free:
+        while self.pool is not None and not self.pool.room:
             yield from self._step(settings)
         if self.pool is None:      # a failure dropped the pool: this group runs plain
             yield from self._plain(g.members, settings)
             return
-        slot = self.pool.take()        # the first question's suffix rode along in the prefix forward
+        rid = self._add()              # the first question's suffix rode along in the prefix forward
         n = P + len(first.suffix_ids)
-        self.pool.load_prefix(slot, cache, n)
-        self.pool.place(slot, n, n + delta)
-        yield from self._start([first], [slot], pick(first_logits[None].float(), settings, self._gen).tolist(), t_group)
+        self.runner.load(self.pool, rid, cache, n, n + delta)
+        yield from self._start([first], [rid], pick(first_logits[None].float(), settings, self._gen).tolist(), t_group)
         while rest:
-            while self.pool is not None and not self.pool.free:
+            while self.pool is not None and not self.pool.room:
                 yield from self._step(settings)
             if self.pool is None:
                 yield from self._plain(rest, settings)
                 break
             k, tokens = 0, 0
-            while k < min(len(rest), len(self.pool.free)) and (k == 0 or tokens + len(rest[k].suffix_ids) <= SUFFIX_TOKENS):
+            while k < min(len(rest), self.pool.room) and (k == 0 or tokens + len(rest[k].suffix_ids) <= SUFFIX_TOKENS):
                 tokens += len(rest[k].suffix_ids)
                 k += 1
             batch, rest = rest[:k], rest[k:]
@@ -168,15 +180,15 @@ class PrefixEngine(Engine):
                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         """Further questions of a group in one packed pass over its prefix; a failed pass of several
         retries them one by one, so only a question that fails alone falls back to plain batches."""
-        slots = [self.pool.take() for _ in batch]
+        rids = [self._add() for _ in batch]
         t0 = time.perf_counter()
         try:
-            logits = self.pool.prefill_group(slots, cache, P, [m.suffix_ids for m in batch], P + delta)
+            logits = self.runner.prefill_group(self.pool, rids, cache, P, [m.suffix_ids for m in batch], P + delta)
             toks = pick(logits.float(), settings, self._gen).tolist()
             _sync(self.backend.device)
         except Exception as e:  # noqa: BLE001
-            for slot in slots:
-                self.pool.release(slot)
+            for rid in rids:
+                self.pool.release(rid)
             if len(batch) == 1:
                 yield from self._fallback(batch, e, settings)
                 return
@@ -195,22 +207,28 @@ class PrefixEngine(Engine):
         st["suffix_tokens"] += sum(len(m.suffix_ids) for m in batch)
         st["suffix_s"] += dt
         st["suffix_times"].append((P, len(batch), round(dt, 4)))
-        yield from self._start(batch, slots, toks, t0)
+        yield from self._start(batch, rids, toks, t0)
 
-    def _start(self, batch: list[_Split], slots: list[int], toks: list[int], t0: float
+    def _add(self) -> int:
+        """A new request handle, holding a slot of the pool."""
+        rid, self._next_rid = self._next_rid, self._next_rid + 1
+        self.pool.add(rid)
+        return rid
+
+    def _start(self, batch: list[_Split], rids: list[int], toks: list[int], t0: float
                ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
-        """Rows for questions whose prompt is in their slots, each with its first token."""
-        for m, slot, tok in zip(batch, slots, toks):
-            row = _Row(m, self.pool.n[slot], _cap(m, self._settings), t0, self._settings.max_time)
-            self.rows[slot] = row
+        """Rows for questions whose prompt is in the pool, each with its first token."""
+        for m, rid, tok in zip(batch, rids, toks):
+            row = _Row(m, self.pool.length_of(rid), _cap(m, self._settings), t0, self._settings.max_time)
+            self.rows[rid] = row
             if row.add(tok, self.backend.eos_ids):
-                yield self._finish(slot)
+                yield self._finish(rid)
             else:
-                self.pool.start(slot, tok)
+                self.pool.start(rid, tok)
 
     def _new_pool(self, need: int, prefix_len: int) -> None:
-        free_memory()        # the prefix's activations go back before free memory is read
-        length, per_tok = bucket_length(need), kv_bytes_per_token(self.backend.model)
+        _empty_cache()        # the prefix's activations go back before free memory is read
+        length, per_tok = bucket_length(need), self.runner.shape.bytes_per_token()
         dev = str(self.backend.device)
         if dev.startswith("cuda"):
             import torch
@@ -226,14 +244,14 @@ class PrefixEngine(Engine):
             from ..errors import SampleOOM
 
             raise SampleOOM(f"no room for one {length}-token decode slot ({room / 2**30:.1f} GiB left)")
-        self.pool = SlotPool(self.backend.model, slots, length, dev, self.graphs)
+        self.pool = self.runner.new_pool(slots, length)
         self.stats["pools"].append({"slots": slots, "length": length, "capture_s": 0.0, "graphs": 0, "steps": 0,
                                     "rows": 0, "decode_s": 0.0})
         log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
 
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
         t0 = time.perf_counter()
-        cache, P, delta, logits = runner.prefix_forward(self.backend, g.members[0], g.image)
+        cache, P, delta, logits = self.runner.prefix(g.members[0], g.image)
         _sync(self.backend.device)
         dt = time.perf_counter() - t0
         for k, v in (("groups", 1), ("prefix_tokens", P), ("prefill_s", dt)):
@@ -250,35 +268,32 @@ class PrefixEngine(Engine):
             if s is None:
                 plain.append(r)
                 continue
-            g = groups.setdefault(s.key, _Group(s.prefix_text, r.image, s.prefix_len))
+            g = groups.setdefault(s.key, _Group(r.image, s.prefix_len))
             g.members.append(s)
         return groups, plain
 
     # ---- decoding -----------------------------------------------------------------------------------
     def _step(self, settings: GenSettings, drain: bool = False) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
-        pool = self.pool
+        pool, runner = self.pool, self.runner
         t0 = time.perf_counter()
-        captured = pool.capture_s
+        captured = runner.capture_s
         try:
             moves = pool.compact()
-            if moves:
-                self.rows = {moves.get(s, s): r for s, r in self.rows.items()}
-            logits = pool.step()
-            picks = pick(logits.float(), settings, self._gen)
-            pool.tok[:len(picks)].copy_(picks)
-            toks = picks.tolist()
+            logits = runner.step(pool)
+            toks = pool.advance(pick(logits.float(), settings, self._gen))
         except Exception as e:  # noqa: BLE001 - every running question falls back to the plain engine
-            rows = [self.rows.pop(s).split for s in list(self.rows)]
+            rows = [self.rows.pop(r).split for r in list(self.rows)]
             self.pool = None
+            runner.drop_graphs()
             yield from self._fallback(rows, e, settings)
             return
-        capture = pool.capture_s - captured         # a step size's first use captures its graph
+        capture = runner.capture_s - captured         # a step size's first use captures its graph
         dt = time.perf_counter() - t0 - capture
         for d in (self.stats, self.stats["pools"][-1]):
             d["decode_s"] += dt
             d["capture_s"] += capture
-        self.stats["moves"] += len(moves)
-        self.stats["pools"][-1]["graphs"] = len(pool.graphs)
+        self.stats["moves"] += moves
+        self.stats["pools"][-1]["graphs"] = runner.graph_count
         self.stats["decode_steps"] += 1
         if drain:            # no question can enter: the pool's last (long) answers step on their own
             self.stats["drain_steps"] += 1
@@ -287,17 +302,17 @@ class PrefixEngine(Engine):
         self.stats["decode_rows"] += len(self.rows)
         self.stats["pools"][-1]["rows"] += len(self.rows)
         now = time.perf_counter()
-        for slot in list(self.rows):
-            if self.rows[slot].add(toks[slot], self.backend.eos_ids, now):
-                yield self._finish(slot)
+        for rid, tok in toks.items():
+            if self.rows[rid].add(tok, self.backend.eos_ids, now):
+                yield self._finish(rid)
 
     def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
         while self.rows and self.pool is not None:
             yield from self._step(settings, drain=True)
 
-    def _finish(self, slot: int) -> tuple[GenRequest, GenResult, list[Degradation]]:
-        row = self.rows.pop(slot)
-        self.pool.release(slot)
+    def _finish(self, rid: int) -> tuple[GenRequest, GenResult, list[Degradation]]:
+        row = self.rows.pop(rid)
+        self.pool.release(rid)
         text = self.backend.tokenizer.decode(row.tokens, skip_special_tokens=True)
         res = GenResult(text=text, output_tokens=len(row.tokens), input_tokens=row.n_input,
                         seconds=time.perf_counter() - row.t0, timed_out=row.timed_out)
@@ -307,6 +322,18 @@ class PrefixEngine(Engine):
 SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its block mask: 4 x 4096 x 4096 bools on the 8B)
 PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
 RESERVE_BYTES = 2 * 2**30
+
+
+def _empty_cache() -> None:
+    """Freed tensors' memory back to the device, so free memory reads true (no garbage collection: a
+    dropped pool has no reference cycles, and a full collection took 0.3 s with a run's objects alive)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _sync(device: str) -> None:
