@@ -48,9 +48,6 @@ def build_random_8b(tokenizer_dir: str | os.PathLike, *, device: str = "cuda", a
     return backend, time.time() - t0
 
 
-KV_BYTES_PER_TOKEN_8B = TEXT_8B["num_hidden_layers"] * TEXT_8B["num_key_value_heads"] * TEXT_8B["head_dim"] * 2 * 2  # K, V; bf16
-
-
 def shared_dir() -> Path:
     """$HITBENCH_SHARED, or the ``shared`` folder beside the checkout."""
     return Path(os.environ.get("HITBENCH_SHARED") or REPO.parent / "shared")

@@ -4,7 +4,7 @@
     python bench/dp_gpu.py --out bench/results             # on a machine with 2+ GPUs, .device/ sent along
     python bench/dp_gpu.py --smoke --gpus 1,2               # a CPU check of the same path, tiny model
 
-The subset is a uniform random sample of the text_html tables (after ``throughput.py --prepare``), each
+The subset is a uniform random sample of the text_html tables, each
 with all its questions, so prefix sharing and the mix of table sizes are those of a full run; output
 lengths are scripted from the real model's answers. Each configuration runs the real data-parallel path:
 N worker processes (RANK/WORLD_SIZE/LOCAL_RANK set as the launcher sets them; N=1 is the plain one-GPU
@@ -25,44 +25,34 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (INPUTS, KV_BYTES_PER_TOKEN_8B, build_random_8b, device_name, prepare,  # noqa: E402
-                          realhitbench_dir)
+from bench.common import INPUTS, build_random_8b, device_name, prepare, realhitbench_dir, shared_dir  # noqa: E402
 
 SUBSET = INPUTS / "dp"
 QA = "QA_dp.json"
 
 
 def do_prepare(n_tables: int, seed: int) -> None:
-    """Whole tables drawn uniformly from those text_html can run (their questions and token counts come
-    from throughput.py --prepare's bench_meta.json), with a projected one-GPU time to size the subset."""
-    from bench.throughput import project, simulate_decode
+    """Whole text_html tables drawn uniformly (seeded) from those it can run, every question on each;
+    output lengths scripted per id from the real model's answers (``output_tokens.json``)."""
+    from bench.e2e_gpu import runnable_tables
     from hitbench_utils import data as D
 
-    meta = json.loads((INPUTS / "bench_meta.json").read_text())
-    by_file: dict[str, list[dict]] = defaultdict(list)
-    for r in meta["text_html"]:
-        by_file[r["file"]].append(r)
+    data = realhitbench_dir()
+    qs = D.load_queries(data / "QA_final.json")
+    by_file = runnable_tables(data, qs, "html")
     chosen = random.Random(seed).sample(sorted(by_file), n_tables)
-    rows = [r for f in chosen for r in by_file[f]]
-    ids = sorted(r["id"] for r in rows)
-    by_id = {q.id: q.raw for q in D.load_queries(realhitbench_dir() / "QA_final.json")}
-    fits = json.loads(sorted((Path(__file__).parent / "results").glob("throughput-*H100*[0-9].json"))[-1].read_text())
-    pf, sf, st = (list(fits[k].values()) for k in ("prefill_fit_s", "suffix_fit_s", "decode_step_fit_s"))
-    free = fits["free_gib_at_engine_start"] * 2**30
-    proj = project(rows, pf, sf, simulate_decode(rows, st, free, KV_BYTES_PER_TOKEN_8B, 32))
+    ids = sorted(q.id for f in chosen for q in by_file[f])
+    raw = json.loads((shared_dir() / "bench" / "output_tokens.json").read_text())["text_html"]
+    by_id = {q.id: q.raw for q in qs}
     if SUBSET.exists():
         import shutil
 
         shutil.rmtree(SUBSET)
     prepare(files={"html": [f"{f}.html" for f in chosen]}, qa={QA: [by_id[i] for i in ids]},
             extra={"meta.json": {"seed": seed, "tables": sorted(chosen), "subset_ids": ids,
-                                 "input_tokens": sum(r["prompt_tokens"] for r in rows),
-                                 "lengths": {r["id"]: r["out"] for r in rows}, "projected_one_h100": proj}},
+                                 "lengths": {i: min(int(raw.get(str(i), 13)), 1024) for i in ids}}},
             root=SUBSET)
-    print(f"subset: {len(ids)} queries on {n_tables} tables (seed {seed}), prompts "
-          f"{min(r['prompt_tokens'] for r in rows):,}-{max(r['prompt_tokens'] for r in rows):,} tokens, "
-          f"{sum(r['prompt_tokens'] for r in rows) / 1e6:.2f}M in all; projected on one H100: "
-          f"{proj['minutes']} min of GPU work (prefill {proj['prefill_min']}, decode {proj['decode_min']})")
+    print(f"subset: {len(ids)} queries on {n_tables} tables (seed {seed})")
 
 
 def child(run_dir: str, smoke: bool) -> None:
@@ -162,9 +152,8 @@ def main() -> int:
     meta = json.loads((SUBSET / "meta.json").read_text())
     device = f"{max(counts)}x {device_name()}" + (" (smoke: tiny model, CPU)" if a.smoke else "")
     result = {"device": device, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "date": time.strftime("%Y-%m-%d"), "subset": {k: meta[k] for k in ("seed", "input_tokens")} |
-              {"tables": len(meta["tables"]), "queries": len(meta["subset_ids"]),
-               "projected_one_h100_min": meta["projected_one_h100"]["minutes"]}, "configs": []}
+              "date": time.strftime("%Y-%m-%d"), "subset": {"seed": meta["seed"], "tables": len(meta["tables"]),
+                                                            "queries": len(meta["subset_ids"])}, "configs": []}
     stem = f"dp-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "")
     for n in counts:
         result["configs"].append(run_config(n, root, a.smoke))

@@ -19,8 +19,8 @@ def logits_check(backend, root: Path, meta: dict, max_prompt: int = 16_000) -> d
     from hitbench_utils import data as D
     from hitbench_utils.backends.base import GenRequest
     from hitbench_utils.engine import PrefixEngine
-    from hitbench_utils.engine.kv_pool import SlotPool, bucket_length
-    from hitbench_utils.engine.scheduler import _cache_kw
+    from hitbench_utils.engine.kv_pool import bucket_length
+    from hitbench_utils.engine.runner import cache_kw
     from hitbench_utils.prompts import build_prompt, load_templates
 
     t = load_templates("default")
@@ -29,7 +29,7 @@ def logits_check(backend, root: Path, meta: dict, max_prompt: int = 16_000) -> d
     by_file: dict[str, list] = {}
     for q in qs:
         by_file.setdefault(q.file_name, []).append(q)
-    model, kw = backend.model, _cache_kw(backend.model)
+    model, kw = backend.model, cache_kw(backend.model)
     for f, group in sorted(by_file.items(), key=lambda kv: -len(kv[1])):
         table = D.read_table(data, "html", f)
         reqs = []
@@ -48,10 +48,12 @@ def logits_check(backend, root: Path, meta: dict, max_prompt: int = 16_000) -> d
                           logits_to_keep=1).logits[0, -1].float() for m in g.members]
             cache, P, delta, first = eng._prefix(g)
             need = P + max(len(m.suffix_ids) for m in g.members) + 2
-            pool = SlotPool(model, len(g.members), bucket_length(need), backend.device, graphs=False)
-            slots = [pool.take() for _ in g.members[1:]]
-            ours = [first.float()] + list(pool.prefill_group(slots, cache, P, [m.suffix_ids for m in g.members[1:]],
-                                                             P).float())
+            pool = eng.runner.new_pool(len(g.members), bucket_length(need))
+            rids = list(range(1, len(g.members)))
+            for rid in rids:
+                pool.add(rid)
+            ours = [first.float()] + list(eng.runner.prefill_group(pool, rids, cache, P,
+                                                                   [m.suffix_ids for m in g.members[1:]], P).float())
             hf = []
             for m in g.members:
                 c = copy.deepcopy(cache)
@@ -67,7 +69,7 @@ def logits_check(backend, root: Path, meta: dict, max_prompt: int = 16_000) -> d
                          "hf_split_diff": round(d_hf, 4), "within": d_ours <= 1.5 * d_hf + 1 / 16,
                          "argmax_same": int(o.argmax()) == int(a.argmax())})
         del pool, cache
-        return {"table": f, "prefix_tokens": P, "questions": len(rows), "packed_suffixes": len(slots),
+        return {"table": f, "prefix_tokens": P, "questions": len(rows), "packed_suffixes": len(rids),
                 "all_within": all(r["within"] for r in rows), "rows": rows,
                 "tolerance": "engine diff <= 1.5 x HF's own split diff + 1/16, against one plain forward"}
     return {"skipped": f"no sampled table with 3+ questions under {max_prompt} tokens"}

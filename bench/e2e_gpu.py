@@ -48,18 +48,7 @@ def do_prepare(min_tables: int, min_questions: int, seed_questions: int, seed: i
         shutil.rmtree(ROOT)
     meta: dict = {"seed": seed, "max_new_tokens": MAX_NEW, "median_out": MEDIAN_OUT, "formats": {}}
     for fmt in ("html", "latex"):
-        ok: dict[str, bool] = {}
-        for q in qs:
-            if q.file_name not in ok:
-                try:
-                    D.read_table(data, fmt, q.file_name)
-                    ok[q.file_name] = True
-                except Exception:  # noqa: BLE001 - missing or an LFS stub: a full run makes error records there
-                    ok[q.file_name] = False
-        by_file: dict[str, list] = defaultdict(list)
-        for q in qs:
-            if ok[q.file_name]:
-                by_file[q.file_name].append(q)
+        by_file = runnable_tables(data, qs, fmt)
         order = sorted(by_file)
         random.Random(seed).shuffle(order)
         chosen, n = [], 0
@@ -84,6 +73,26 @@ def do_prepare(min_tables: int, min_questions: int, seed_questions: int, seed: i
               f"without a scripted length (median {MEDIAN_OUT}), {sum(lengths.values())} output tokens; "
               f"seed-style sub-sample {len(seed_ids)}")
     (ROOT / "meta.json").write_text(json.dumps(meta))
+
+
+def runnable_tables(data: Path, qs: list, fmt: str) -> dict[str, list]:
+    """The questions of each table that ``fmt`` can read (a missing file or an LFS stub makes error
+    records in a full run, never timings)."""
+    from hitbench_utils import data as D
+
+    ok: dict[str, bool] = {}
+    for q in qs:
+        if q.file_name not in ok:
+            try:
+                D.read_table(data, fmt, q.file_name)
+                ok[q.file_name] = True
+            except Exception:  # noqa: BLE001
+                ok[q.file_name] = False
+    by_file: dict[str, list] = defaultdict(list)
+    for q in qs:
+        if ok[q.file_name]:
+            by_file[q.file_name].append(q)
+    return by_file
 
 
 def run_job(backend, fmt: str, prompts: str, ids: list[int], lengths: dict, run_dir: Path, seed_style: bool,
@@ -113,13 +122,15 @@ def run_job(backend, fmt: str, prompts: str, ids: list[int], lengths: dict, run_
            "ok": sum(r["status"] == "ok" for r in recs), "output_tokens": sum(r.get("output_tokens") or 0 for r in recs),
            "prepare_s": round(sum(r.get("prepare_s") or 0 for r in recs), 2),
            "input_tokens": sum(r.get("input_tokens_sent") or 0 for r in recs),
-           "truncated": sum(bool(r.get("truncated")) for r in recs)}
+           "truncated": sum(bool(r.get("truncated")) for r in recs),
+           "prepare_wait_s": round(job.prepare_wait_s, 2)}
     st = getattr(job.engine, "stats", None)
     if st:
         out["engine"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
                          if not isinstance(v, list)}
         out["engine"]["pools"] = st["pools"]
         out["engine"]["largest_suffix_passes"] = sorted(st["suffix_times"], key=lambda x: -x[2])[:5]
+        out["engine"]["prefix_times"] = st["prefix_times"]
     return out
 
 
@@ -130,10 +141,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None) -> dict:
+def prefill_ideal_s(prefix_times: list, ceiling: dict | None) -> float | None:
+    """The prefill's time at the measured ceilings: each prefix's projections and MLP at the matmul rate,
+    its causal attention at the flash-attention rate (an estimate that explains the measured figure)."""
+    if not ceiling or "linear_flop_per_token" not in ceiling:
+        return None
+    mm, fa = ceiling["matmul_8192_tflops"] * 1e12, ceiling["flash_causal_tflops"] * 1e12
+    return round(sum(P * ceiling["linear_flop_per_token"] / mm + ceiling["attention_flop_per_token_sq"] * P * P / fa
+                     for P, _ in prefix_times), 2)
+
+
+def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None, ceiling: dict | None = None) -> dict:
     e = eng.get("engine", {})
     parts = {"prefill": e.get("prefill_s", 0), "suffixes": e.get("suffix_s", 0), "decode": e.get("decode_s", 0),
-             "capture": e.get("capture_s", 0), "preparation_wait": eng["prepare_s"]}
+             "capture": e.get("capture_s", 0), "preparation_wait": eng["prepare_wait_s"]}
     parts["other"] = round(eng["wall_s"] - sum(parts.values()), 2)
     q = eng["records"]
     res = {"questions": q, "tables": fmt_meta["tables"], "wall_s": eng["wall_s"],
@@ -141,6 +162,7 @@ def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None) -> d
            "full_run_min": round(eng["wall_s"] * fmt_meta["full_questions"] / q / 60, 2),
            "breakdown": {k: round(v, 2) for k, v in parts.items()},
            "prefill_tok_s": round(e["prefix_tokens"] / e["prefill_s"]) if e.get("prefill_s") else None,
+           "prefill_ideal_s": prefill_ideal_s(e.get("prefix_times", []), ceiling),
            "prefix_groups": e.get("groups"), "prefix_tokens": e.get("prefix_tokens"),
            "rows_per_step": e.get("rows_per_step"), "drain_step_share": e.get("drain_step_share"),
            "drain_s": e.get("drain_s"), "decode_steps": e.get("decode_steps"),
@@ -153,26 +175,48 @@ def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None) -> d
     return res
 
 
-def matmul_ceiling() -> dict:
-    """bf16 8192^3 matmul, median of 20 timed with events after warm-up, on random data."""
+def _median_s(fn, n: int = 20) -> float:
+    """Median of ``n`` timed calls (CUDA events), after warm-up."""
     import torch
 
-    n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
-        a @ b
+        fn()
     times = []
-    for _ in range(20):
+    for _ in range(n):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        a @ b
+        fn()
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    t = statistics.median(times)
-    flops = 2 * n ** 3 / t
-    # one prefill token of the 8B costs about 2 x 8.2B (text weights) FLOP, attention aside
-    return {"matmul_8192_tflops": round(flops / 1e12, 1), "prefill_tok_s_ceiling_at_16_4_gflop": round(flops / 16.4e9)}
+    return statistics.median(times)
+
+
+def ceilings(model) -> dict:
+    """What this GPU does at best: a bf16 8192^3 matmul, and causal flash attention (32 query heads on
+    8 KV heads, head size 128, 32K tokens) as the model's prefill calls it; with the 8B's FLOP per
+    prefill token (2 x its decoder layers' projection and MLP weights) and per token squared (causal
+    attention: 2 x 36 layers x 4096)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hitbench_utils.engine.attention import text_model
+
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * n ** 3 / _median_s(lambda: a @ b)
+    del a, b
+    L = 32768
+    q = torch.randn(1, 32, L, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    fa = 2 * L * L * 32 * 128 / _median_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 5)
+    del q, k, v
+    tm = text_model(model)
+    linear = 2 * sum(m.weight.numel() for m in tm.layers.modules() if isinstance(m, torch.nn.Linear))
+    attn = 2 * len(tm.layers) * tm.config.num_attention_heads * 128
+    return {"matmul_8192_tflops": round(mm / 1e12, 1), "flash_causal_tflops": round(fa / 1e12, 1),
+            "linear_flop_per_token": linear, "attention_flop_per_token_sq": attn,
+            "prefill_tok_s_ceiling_linear_only": round(mm / linear)}
 
 
 def main() -> int:
@@ -223,7 +267,7 @@ def main() -> int:
                                            "slot pool's last long answers are a fixed cost)"},
               "missing_lengths": {f: m["missing_lengths"] for f, m in meta["formats"].items()}}
     if not a.smoke and not a.no_checks:
-        result["ceiling"] = matmul_ceiling()
+        result["ceiling"] = ceilings(backend.model)
         from bench.e2e_exact import logits_check
 
         result["exactness_bf16"] = logits_check(backend, ROOT, meta)
@@ -245,14 +289,14 @@ def main() -> int:
             continue
         eng = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke)
         print(name, "engine", json.dumps({k: v for k, v in eng.items() if k != "engine"}), flush=True)
-        result[name] = setting_result(name, m, eng, None)
+        result[name] = setting_result(name, m, eng, None, result.get("ceiling"))
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later step dies
         seed = None
         if name in a.seed_style.split(","):
             sids = m["seed_style_ids"][:3] if a.smoke else m["seed_style_ids"]
             seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke)
             print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
-        result[name] = setting_result(name, m, eng, seed)
+        result[name] = setting_result(name, m, eng, seed, result.get("ceiling"))
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later setting dies
         r = result[name]
         print(f"== {name}: {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run {r['full_run_min']} min; "

@@ -10,6 +10,7 @@ the run.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,6 +30,7 @@ class Flow:
         self.live: dict[Any, SamplePolicy] = {}
         self.queue: deque[GenRequest] = deque()
         self.in_flight = 0          # requests the engine has and has not answered yet
+        self.wait_s = 0.0           # time the engine's thread spent waiting for prepared groups
 
     def admit(self, group: list[Prepared]) -> list[GenRequest]:
         """A prepared group's requests; a sample whose preparation failed is final at once."""
@@ -56,7 +58,9 @@ class Flow:
             room = (1 if not out else 0) if chunk is None else chunk - len(out)
             while room > 0:
                 if not fresh and not exhausted:
+                    t0 = time.perf_counter()
                     group = next(it, None)
+                    self.wait_s += time.perf_counter() - t0
                     if group is None:
                         exhausted = True
                     else:
@@ -88,10 +92,12 @@ class Flow:
 
 
 def generate(engine: Any, settings: GenSettings, groups: Iterable[list[Prepared]], refit: Refitter,
-             sink: Callable[[SampleRecord], None]) -> None:
-    """Run every prepared sample to its final record; the sink gets each one as soon as it is final."""
+             sink: Callable[[SampleRecord], None]) -> Flow:
+    """Run every prepared sample to its final record; the sink gets each one as soon as it is final.
+    Returns the flow, for its ``wait_s``."""
     flow = Flow(refit, sink)
     for req, res, steps in engine.run_stream(flow.source(groups, engine.chunk), settings):
         flow.outcome(req, res, steps)
     if flow.live:       # an engine that dropped requests would otherwise lose them silently
         raise RuntimeError(f"the engine ended with {len(flow.live)} sample(s) unanswered: ids {sorted(flow.live)[:20]}")
+    return flow

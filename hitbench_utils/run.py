@@ -147,7 +147,8 @@ class Job:
         progress = Progress(self.total or 0, f"{cfg.modality}_{cfg.fmt or 'png'}", engine, bar=self.progress)
         sc = StructureTracker(runlog.contents.records, cfg.structure_reference, cfg.score)
         try:
-            generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress, sc.observe))
+            flow = generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress, sc.observe))
+            self.prepare_wait_s = flow.wait_s    # the engine's wait for prepared prompts (benchmarks report it)
         finally:
             progress.close()
 

@@ -111,17 +111,24 @@ def test_cuda_graphs_of_every_step_size_match_plain_generate(sample_data):
     from hitbench_utils.backends.tiny import tiny_model_dir
 
     backend = HFBackend(tiny_model_dir(), dtype="float32", attn_implementation="sdpa", device="cuda")
-    reqs = requests(sample_data, "text", "csv", 40)
+    reqs = requests(sample_data, "text", "json", 40)       # json: slots of 1K and 2K tokens
     for i, r in enumerate(reqs):
         r.max_new_tokens = 30 if i % 8 == 7 else 2 + (7 * i) % 11
     settings = GenSettings(max_new_tokens=32)
     plain = {r.key: backend.generate([r], settings)[0] for r in reqs}
     engine = PrefixEngine(backend, batch_size=4, max_slots=8)
     assert engine.graphs
-    got = {r.key: res for r, res, steps in engine.run(reqs, settings) if not steps}
+    # one table per pull, short and long tables alternating: pools of different lengths follow each
+    # other, and each new pool captures its own graphs
+    groups = sorted(engine._group(reqs)[0].values(), key=lambda g: g.need(settings))
+    pulls = [[m.req for m in g.members] for pair in zip(groups, groups[::-1]) for g in pair][:len(groups)]
+    out = list(engine.run_stream(iter(pulls), settings))
+    assert not [steps for _, _, steps in out if steps], "nothing may fall back"
+    got = {r.key: res for r, res, _ in out}
     assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
     st = engine.stats
     assert st["moves"] > 0 and st["capture_s"] > 0 and max(p["graphs"] for p in st["pools"]) >= 3, st
+    assert len(st["pools"]) >= 2 and all(p["graphs"] >= 1 for p in st["pools"]), st["pools"]
 
 
 def torch_close(a, b) -> bool:

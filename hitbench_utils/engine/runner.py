@@ -50,8 +50,9 @@ class ModelRunner:
         return KVPool(self.shape, slots, length, self.device)
 
     def drop_graphs(self) -> None:
-        """Graphs read one pool's memory: they go with it."""
-        self._graphs, self._graph_pool = {}, None
+        """Graphs read one pool's memory: they go with it, and so does their memory pool (a new pool's
+        graphs get a fresh one, as each pool did when it owned its graphs)."""
+        self._graphs, self._graph_pool, self._mempool = {}, None, None
 
     @property
     def graph_count(self) -> int:

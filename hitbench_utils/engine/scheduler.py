@@ -101,8 +101,8 @@ class PrefixEngine(Engine):
         if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
             yield from self._drop_pool(settings)
         free_memory()
-        log.warning("shared-prefix work on %d question(s) failed (%s): falling back to plain batches",
-                    len(members), type(e).__name__)
+        log.warning("shared-prefix work on %d question(s) failed (%s: %s): falling back to plain batches",
+                    len(members), type(e).__name__, str(e)[:300])
         for r, res, steps in super().run([m.req for m in members], settings):
             yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
@@ -283,7 +283,7 @@ class PrefixEngine(Engine):
             toks = pool.advance(pick(logits.float(), settings, self._gen))
         except Exception as e:  # noqa: BLE001 - every running question falls back to the plain engine
             rows = [self.rows.pop(r).split for r in list(self.rows)]
-            self.pool = None
+            self.pool = pool = None       # its memory goes back before the plain batches run
             runner.drop_graphs()
             yield from self._fallback(rows, e, settings)
             return
