@@ -36,6 +36,7 @@ def do_prepare(n_tables: int, seed: int) -> None:
     output lengths scripted per id from the real model's answers (``output_tokens.json``)."""
     from bench.e2e_gpu import runnable_tables
     from hitbench_utils import data as D
+    from hitbench_utils.pairing import SWAP_SUFFIX  # SC questions read the swapped table
 
     data = realhitbench_dir()
     qs = D.load_queries(data / "QA_final.json")
@@ -48,7 +49,7 @@ def do_prepare(n_tables: int, seed: int) -> None:
         import shutil
 
         shutil.rmtree(SUBSET)
-    prepare(files={"html": [f"{f}.html" for f in chosen]}, qa={QA: [by_id[i] for i in ids]},
+    prepare(files={"html": [f"{f}{s}.html" for f in chosen for s in ("", SWAP_SUFFIX)]}, qa={QA: [by_id[i] for i in ids]},
             extra={"meta.json": {"seed": seed, "tables": sorted(chosen), "subset_ids": ids,
                                  "lengths": {i: min(int(raw.get(str(i), 13)), 1024) for i in ids}}},
             root=SUBSET)

@@ -40,6 +40,7 @@ EXT = {"html": "html", "latex": "txt"}
 def do_prepare(min_tables: int, min_questions: int, seed_questions: int, seed: int) -> None:
     """Whole tables drawn uniformly (seeded) from those each format can run, until both minimums hold."""
     from hitbench_utils import data as D
+    from hitbench_utils.pairing import SWAP_SUFFIX  # SC questions read the swapped table
 
     data = realhitbench_dir()
     qs = D.load_queries(data / "QA_final.json")
@@ -62,7 +63,7 @@ def do_prepare(min_tables: int, min_questions: int, seed_questions: int, seed: i
         lengths = {i: scripted.get(i, MEDIAN_OUT) for i in ids}
         seed_ids = sorted(random.Random(seed + 1).sample(ids, min(seed_questions, len(ids))))
         by_id = {q.id: q.raw for q in qs}
-        prepare(files={fmt: [f"{f}.{EXT[fmt]}" for f in chosen]}, qa={f"QA_{fmt}.json": [by_id[i] for i in ids]},
+        prepare(files={fmt: [f"{f}{s}.{EXT[fmt]}" for f in chosen for s in ("", SWAP_SUFFIX)]}, qa={f"QA_{fmt}.json": [by_id[i] for i in ids]},
                 root=ROOT)
         meta["formats"][fmt] = {"tables": len(chosen), "questions": len(ids), "ids": ids, "seed_style_ids": seed_ids,
                                 "lengths": lengths, "missing_lengths": sum(i not in scripted for i in ids),
