@@ -220,6 +220,22 @@ def ceilings(model) -> dict:
             "prefill_tok_s_ceiling_linear_only": round(mm / linear)}
 
 
+def merge(out: Path, calls: list[Path]) -> None:
+    """One result file from several GPU calls (GPU time comes in calls of at most 10 minutes): each
+    setting and each check from the last call that measured it, named by its ``call`` (file), so every
+    ratio still pairs an engine run with the seed-style loop of the same call."""
+    result: dict = {"calls": {}}
+    for path in calls:
+        r = json.loads(path.read_text())
+        result["calls"][path.name] = {k: r[k] for k in ("date", "model_build_s", "settings") if k in r}
+        for k, v in r.items():
+            if k in ("date", "model_build_s", "settings"):
+                continue
+            result[k] = dict(v, call=path.name) if isinstance(v, dict) and k != "missing_lengths" else v
+    result["device"] = json.loads(calls[-1].read_text())["device"]
+    out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prepare", action="store_true")
@@ -235,7 +251,11 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default="/tmp/e2e_bench")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="OUT.json CALL.json ...: one file from several calls")
     a = ap.parse_args()
+    if a.merge:
+        merge(Path(a.merge[0]), [Path(x) for x in a.merge[1:]])
+        return 0
     if a.prepare:
         do_prepare(a.tables, a.questions, a.seed_questions, a.seed)
         return 0

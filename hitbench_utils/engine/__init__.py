@@ -5,8 +5,11 @@
 - ``prefixes``: cutting prompts into a shared prefix and a suffix, and the state of a decoding question;
 - ``scheduler``: ``PrefixEngine``, for local HF models: groups questions by shared prefix, computes each
   prefix once, packs a group's further questions into one pass, and keeps a slot pool decoding;
-- ``kv_pool``: ``SlotPool``, per-slot KV memory, slot bookkeeping, compaction and the CUDA graphs;
-- ``runner``: the passes over that memory (slot prefill, packed group prefill, the decode step);
+- ``kv_pool``: ``KVPool``, per-request KV slots keyed by the scheduler's request handle (slots and
+  compaction are its own business);
+- ``runner``: ``ModelRunner``, the model's passes over that memory (the prefix forward, the packed pass
+  of a group's further questions, the decode step) and the step's CUDA graphs; the scheduler is tested
+  against a stand-in for it (``tests/test_scheduler.py``);
 - ``attention``: norms, rotary embedding, fused projections and split-key attention;
 - ``sampling``: greedy or top-k / top-p picking.
 
