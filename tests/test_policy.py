@@ -197,6 +197,22 @@ def test_a_sample_that_failed_preparation_is_final_before_any_generation():
     assert [r.id for r in sunk] == [1, 2] and sunk[0].status == "missing_input" and sunk[0].permanent
 
 
+def test_the_engines_wait_for_prepared_groups_is_measured():
+    """``Flow.wait_s`` is the time the engine's thread spent waiting for preparation (benchmarks report
+    it), not the workers' own preparation time."""
+    import time
+
+    def slow_groups():
+        for i in (1, 2, 3):
+            time.sleep(0.05)
+            yield [prepared(i)]
+
+    flow = generate(SlotEngine({i: [answer(OK)] for i in (1, 2, 3)}), None, slow_groups(), FakeRefit(), lambda rec: None)
+    assert 0.15 <= flow.wait_s < 1.0
+    flow = generate(SlotEngine({1: [answer(OK)]}), None, [[prepared(1)]], FakeRefit(), lambda rec: None)
+    assert flow.wait_s < 0.05
+
+
 def test_an_engine_that_drops_a_request_is_an_error_not_a_silent_loss():
     class Dropping:
         chunk = 1

@@ -67,3 +67,34 @@ def test_the_default_run_folder_names_the_data(tmp_path, sample_data):
     other.mkdir()
     assert RunConfig(data_path=str(other), qa_file="QA_long.json").default_run_dir("runs").name == \
         "tiny_text_html_QA_long_RealHiTBench"
+
+
+def test_the_prefix_split_is_made_in_the_workers_and_is_the_engines_own(tmp_path, sample_data, tiny_backend, monkeypatch):
+    """Preparation cuts each prompt into shared prefix + suffix (a whole-prompt tokenization), so the
+    engine's thread does not; the cut is the one the engine would make, and the run's answers are those
+    of a run whose engine cuts them itself."""
+    from hitbench_utils.engine import prefixes
+    from hitbench_utils.runlog import read_log, view
+
+    prep, queries = preparer(sample_data, tiny_backend, format="csv")
+    groups = [[(q, 1) for q in queries[i:i + 4]] for i in range(0, 12, 4)]
+    made = [p for g in prepare_stream(prep, groups, workers=2) for p in g]
+    assert all(p.request.cut is not None for p in made)
+    for p in made:
+        own = prefixes.cut(tiny_backend, p.request, {})
+        assert (own.key, own.prefix_ids, own.suffix_ids, own.prefix_len) == (
+            p.request.cut.key, p.request.cut.prefix_ids, p.request.cut.suffix_ids, p.request.cut.prefix_len)
+
+    calls = []
+    real = prefixes.cut
+    monkeypatch.setattr(prefixes, "cut", lambda *a, **k: calls.append(1) or real(*a, **k))
+    answers = {}
+    for name, workers in (("workers", 2), ("here", 0)):
+        cfg = RunConfig(data_path=str(sample_data), run_dir=str(tmp_path / name), format="csv", limit=8, max_reasks=0,
+                        max_new_tokens=6, device="cpu", score=False, prepare_workers=workers)
+        calls.clear()
+        assert Job(cfg, backend=tiny_backend, progress=False).execute()["verdict"] == "complete"
+        if workers:
+            assert not calls, "with workers, this process never cuts a prompt"
+        answers[name] = {i: r["response"] for i, r in view(read_log(tmp_path / name).records).items()}
+    assert answers["workers"] == answers["here"] and len(answers["here"]) == 8

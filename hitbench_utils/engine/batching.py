@@ -130,3 +130,22 @@ class Engine:
         for r, res in zip(batch, results):
             res.seconds = dt / len(batch)
             yield r, res, steps
+
+
+def empty_cache() -> None:
+    """Freed tensors' memory back to the device, so free memory reads true (no garbage collection: a
+    dropped pool has no reference cycles, and a full collection took 0.28 s each in a profiled CPU run)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()

@@ -15,13 +15,15 @@ from typing import Any, Iterable, Iterator
 from ..backends.base import GenRequest, GenResult, GenSettings
 from ..errors import status_of
 from ..records import Degradation
-from .batching import Engine, free_memory, release_frames
+from .batching import Engine, empty_cache, free_memory, release_frames, sync
 from .kv_pool import KVPool, bucket_length
 from .prefixes import _Group, _Row, _Split, _cap, split
 from .runner import ModelRunner
 from .sampling import generator, pick
 
 log = logging.getLogger("hitbench")
+
+Outcomes = Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]
 
 
 class PrefixEngine(Engine):
@@ -58,12 +60,10 @@ class PrefixEngine(Engine):
         """One whole prefix group per pull: the slots keep decoding across pulls, and re-asks get in at once."""
         return None
 
-    def run(self, requests: list[GenRequest], settings: GenSettings
-            ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def run(self, requests: list[GenRequest], settings: GenSettings) -> Outcomes:
         yield from self.run_stream([requests], settings)
 
-    def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def run_stream(self, chunks: Iterable[list[GenRequest]], settings: GenSettings) -> Outcomes:
         """The next chunk is taken once the last one's questions all have slots, while they decode: the
         pool drains only when the slot length changes, not at every chunk's end. With a drain per claim,
         two H100 ranks spent 174 s decoding what one GPU decoded in 103 s (bench/README.md)."""
@@ -89,14 +89,13 @@ class PrefixEngine(Engine):
             st["drain_step_share"] = round(st["drain_steps"] / st["decode_steps"], 3) if st["decode_steps"] else None
             free_memory()
 
-    def _drop_pool(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _drop_pool(self, settings: GenSettings) -> Outcomes:
         yield from self._drain(settings)
         self.pool = None
         self.runner.drop_graphs()
-        _empty_cache()
+        empty_cache()
 
-    def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings
-                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings) -> Outcomes:
         release_frames(e)
         if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
             yield from self._drop_pool(settings)
@@ -106,8 +105,7 @@ class PrefixEngine(Engine):
         for r, res, steps in super().run([m.req for m in members], settings):
             yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
-    def _run_group(self, g: "_Group", settings: GenSettings
-                   ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _run_group(self, g: "_Group", settings: GenSettings) -> Outcomes:
         admitted = []
         for m in g.members:              # the backend may refuse a question (fault injection): it alone falls back
             try:
@@ -171,13 +169,11 @@ class PrefixEngine(Engine):
             yield from self._suffixes(batch, cache, P, delta, settings)
         del cache
 
-    def _plain(self, members: list[_Split], settings: GenSettings
-               ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _plain(self, members: list[_Split], settings: GenSettings) -> Outcomes:
         for r, res, steps in Engine.run(self, [x.req for x in members], settings):
             yield r, res, [Degradation("prefix_fallback", "a decode failure dropped the pool")] + steps
 
-    def _suffixes(self, batch: list[_Split], cache: Any, P: int, delta: int, settings: GenSettings
-                  ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _suffixes(self, batch: list[_Split], cache: Any, P: int, delta: int, settings: GenSettings) -> Outcomes:
         """Further questions of a group in one packed pass over its prefix; a failed pass of several
         retries them one by one, so only a question that fails alone falls back to plain batches."""
         rids = [self._add() for _ in batch]
@@ -185,7 +181,7 @@ class PrefixEngine(Engine):
         try:
             logits = self.runner.prefill_group(self.pool, rids, cache, P, [m.suffix_ids for m in batch], P + delta)
             toks = pick(logits.float(), settings, self._gen).tolist()
-            _sync(self.backend.device)
+            sync(self.backend.device)
         except Exception as e:  # noqa: BLE001
             for rid in rids:
                 self.pool.release(rid)
@@ -215,8 +211,7 @@ class PrefixEngine(Engine):
         self.pool.add(rid)
         return rid
 
-    def _start(self, batch: list[_Split], rids: list[int], toks: list[int], t0: float
-               ) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _start(self, batch: list[_Split], rids: list[int], toks: list[int], t0: float) -> Outcomes:
         """Rows for questions whose prompt is in the pool, each with its first token."""
         for m, rid, tok in zip(batch, rids, toks):
             row = _Row(m, self.pool.length_of(rid), _cap(m, self._settings), t0, self._settings.max_time)
@@ -227,7 +222,7 @@ class PrefixEngine(Engine):
                 self.pool.start(rid, tok)
 
     def _new_pool(self, need: int, prefix_len: int) -> None:
-        _empty_cache()        # the prefix's activations go back before free memory is read
+        empty_cache()        # the prefix's activations go back before free memory is read
         length, per_tok = bucket_length(need), self.runner.shape.bytes_per_token()
         dev = str(self.backend.device)
         if dev.startswith("cuda"):
@@ -252,7 +247,7 @@ class PrefixEngine(Engine):
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
         t0 = time.perf_counter()
         cache, P, delta, logits = self.runner.prefix(g.members[0], g.image)
-        _sync(self.backend.device)
+        sync(self.backend.device)
         dt = time.perf_counter() - t0
         for k, v in (("groups", 1), ("prefix_tokens", P), ("prefill_s", dt)):
             self.stats[k] += v
@@ -273,7 +268,7 @@ class PrefixEngine(Engine):
         return groups, plain
 
     # ---- decoding -----------------------------------------------------------------------------------
-    def _step(self, settings: GenSettings, drain: bool = False) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _step(self, settings: GenSettings, drain: bool = False) -> Outcomes:
         pool, runner = self.pool, self.runner
         t0 = time.perf_counter()
         captured = runner.capture_s
@@ -306,7 +301,7 @@ class PrefixEngine(Engine):
             if self.rows[rid].add(tok, self.backend.eos_ids, now):
                 yield self._finish(rid)
 
-    def _drain(self, settings: GenSettings) -> Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradation]]]:
+    def _drain(self, settings: GenSettings) -> Outcomes:
         while self.rows and self.pool is not None:
             yield from self._step(settings, drain=True)
 
@@ -319,25 +314,6 @@ class PrefixEngine(Engine):
         return row.split.req, res, []
 
 
-SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its block mask: 4 x 4096 x 4096 bools on the 8B)
+SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its MLP activations: 4096 x 24576 on the 8B)
 PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
 RESERVE_BYTES = 2 * 2**30
-
-
-def _empty_cache() -> None:
-    """Freed tensors' memory back to the device, so free memory reads true (no garbage collection: a
-    dropped pool has no reference cycles, and a full collection took 0.3 s with a run's objects alive)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
