@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import data as D
 from .backends.base import GenRequest
+from .backends.registry import shares_prefix
 from .engine.prefixes import cut
 from .errors import TruncationError
 from .images import fit_image, halve_pixels
@@ -47,8 +48,7 @@ class Preparer:
         self.data_path, self.image_dir, self.hook = data_path, image_dir, request_hook
         self.structure = structure or StructurePlan()     # which file each question reads (SC: _swap)
         self.reask = reask_text(templates) if cfg.max_reasks else ""
-        shares = cfg.share_prefix and getattr(getattr(backend, "capabilities", None), "shared_prefix", False)
-        self.cuts: dict | None = {} if shares else None    # recent prefixes' tokenizations, for ``cut``
+        self.cuts: dict | None = {} if shares_prefix(backend, cfg) else None   # recent prefixes' tokenizations, for ``cut``
 
     def request(self, p: Prepared, messages: list[dict]) -> GenRequest:
         req = GenRequest(p.record.id, messages, p.image, p.record.input_tokens_sent, share_from=p.prompt.suffix)

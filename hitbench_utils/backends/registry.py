@@ -103,6 +103,12 @@ def backend_identity(backend: Any, cfg: Any) -> tuple[dict, int, str]:
     return ident, default_new, dtype
 
 
+def shares_prefix(backend: Any, cfg: Any) -> bool:
+    """Whether this run uses the shared-prefix engine (preparation then cuts each prompt for it)."""
+    caps = getattr(backend, "capabilities", None)
+    return bool(cfg.share_prefix and caps is not None and caps.shared_prefix and not caps.remote)
+
+
 def make_engine(backend: Any, cfg: Any) -> Any:
     """The engine a backend's capabilities call for: the shared-prefix engine for local models
     (``share_prefix=True``), a continuous request stream for servers, else plain batching."""
@@ -113,7 +119,7 @@ def make_engine(backend: Any, cfg: Any) -> Any:
         from ..remote_engine import RemoteEngine
 
         return RemoteEngine(backend, backend.concurrency)
-    if cfg.share_prefix and caps.shared_prefix:
+    if shares_prefix(backend, cfg):
         from ..engine import PrefixEngine
 
         return PrefixEngine(backend, cfg.batch_size, cfg.token_budget)

@@ -20,14 +20,10 @@ log = logging.getLogger("hitbench")
 
 
 def free_memory() -> None:
+    """A full release, after a failure or a run: a collection (a failed batch's tensors can sit in
+    reference cycles through its traceback's frames), then the device's cache."""
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency, but keep scoring paths import-light
-        pass
+    empty_cache()
 
 
 def release_frames(exc: BaseException) -> None:

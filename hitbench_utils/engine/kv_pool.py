@@ -128,8 +128,7 @@ class KVPool:
     # ---- a decode step --------------------------------------------------------------------------------
     def span(self) -> int:
         """The step size (a captured graph's row count) that covers every busy slot."""
-        hi = max(self._slot.values()) + 1 if self._slot else 1
-        return next(x for x in self.sizes if x >= hi)
+        return self.sizes_for(max(self._slot.values()) + 1 if self._slot else 1)
 
     def advance(self, picks: Any) -> dict[Hashable, int]:
         """After a step over ``span()`` slots: ``picks`` [span] are the tokens each slot feeds next. The
@@ -171,4 +170,5 @@ class KVPool:
         return moves
 
     def sizes_for(self, n: int) -> int:
+        """The smallest step size covering ``n`` slots."""
         return next(x for x in self.sizes if x >= n)

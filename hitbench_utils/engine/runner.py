@@ -14,6 +14,7 @@ weights and the arithmetic are the model's; only the attention is ours (``attent
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from typing import Any, Hashable
 
 from .attention import attend, attend_after, fuse_projections, norm, rope, text_model
@@ -110,7 +111,8 @@ class ModelRunner:
             raise ValueError(f"slot length {pool.length} < {P + max(lens)} tokens")
         slots = [pool.slot(r) for r in rids]
         dev, S = self.device, sum(lens)
-        bounds = [(a, a + n) for a, n in zip([0] + list(_cumsum(lens))[:-1], lens)]
+        ends = list(accumulate(lens))
+        bounds = [(b - n, b) for b, n in zip(ends, lens)]
         offset = torch.cat([torch.arange(n, device=dev) for n in lens])         # each token's place in its suffix
         with torch.no_grad():
             h = self.tm.embed_tokens(torch.tensor([sum(suffixes, [])], device=dev))
@@ -264,11 +266,3 @@ def cache_kw(model: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cumsum(xs: list[int]) -> list[int]:
-    out, t = [], 0
-    for x in xs:
-        t += x
-        out.append(t)
-    return out
