@@ -302,13 +302,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--seed-style", default=",".join(SETTINGS), help="settings that also run the seed-style loop")
-    ap.add_argument("--seed-only", default="", help="settings whose engine run is skipped (measured in an earlier call)")
     ap.add_argument("--no-checks", action="store_true", help="skip the matmul ceiling and the logits check")
     ap.add_argument("--tag", default="")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default="/tmp/e2e_bench")
-    ap.add_argument("--whole", action="store_true", help="the whole setting, not a sample (--prepare --whole first)")
+    ap.add_argument("--whole", nargs="?", const=",".join(SETTINGS), default="",
+                    help="settings run whole, not sampled (all if none named; --prepare --whole first)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="OUT.json CALL.json ...: one file from several calls")
     a = ap.parse_args()
     if a.merge:
@@ -320,9 +320,10 @@ def main() -> int:
     import torch
     import transformers
 
-    prepared = WHOLE if a.whole else ROOT
-    meta = json.loads((prepared / "meta.json").read_text())
-    root = data_root(prepared, Path(a.work) / "inputs")
+    names = a.settings.split(",")
+    whole = {n for n in names if n in a.whole.split(",")}
+    metas = {p: json.loads((p / "meta.json").read_text()) for p in ({WHOLE if n in whole else ROOT for n in names} | {ROOT})}
+    roots = {p: data_root(p, Path(a.work) / "inputs") for p in metas}
     t0 = time.time()
     if a.smoke:
         from hitbench_utils.backends.hf import HFBackend
@@ -338,53 +339,55 @@ def main() -> int:
                            "torch": torch.__version__, "transformers": transformers.__version__,
                            "attn_implementation": "sdpa", "max_new_tokens": MAX_NEW, "max_input_tokens": 100_000,
                            "max_reasks": 0, "score": False, "greedy": True,
-                           "sample": "the whole setting: every table each format can read, every question on each"
-                                     if meta.get("whole") else
-                                     f"seeded (seed {meta['seed']}) uniform random sample of whole tables, every "
-                                     f"question on each, >= {a.tables} tables and >= {a.questions} questions per format",
+                           "sample": "per setting (its 'sample'): the whole setting (every table its format can read, "
+                                     "every question on each), or a seeded uniform random sample of whole tables, every "
+                                     f"question on each, >= {a.tables} tables and >= {a.questions} questions",
                            "output_lengths": f"scripted per id from output_tokens.json, clipped to {MAX_NEW}; the "
                                              f"median ({MEDIAN_OUT}) for ids it lacks (count per format below)",
                            "seed_style": "the same Job with share_prefix=False, batch_size=1: batch 1, sequential, "
-                                         "eager generate, the same prompts, on a seeded uniform sub-sample",
+                                         "eager generate, the same prompts, on a seeded uniform sub-sample; run in "
+                                         "the same call, after every setting's engine run",
                            "full_run_min": "wall_s x full questions / sample questions / 60 (conservative: each "
                                            "slot pool's last long answers are a fixed cost)"},
-              "missing_lengths": {f: m["missing_lengths"] for f, m in meta["formats"].items()}}
+              "missing_lengths": {f: m["missing_lengths"] for f, m in metas[ROOT]["formats"].items()}}
     if not a.smoke and not a.no_checks:
         result["ceiling"] = ceilings(backend.model)
         from bench.e2e_exact import logits_check
 
-        result["exactness_bf16"] = logits_check(backend, root, meta)
+        result["exactness_bf16"] = logits_check(backend, roots[ROOT], metas[ROOT])
     stem = f"e2e-{result['date']}-{device.split(' (')[0].replace(' ', '-')}" + ("-smoke" if a.smoke else "") + a.tag
-    out = Path(a.out)
+    out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work)
-    for name in a.settings.split(","):
+
+    def inputs(name: str) -> tuple[str, str, dict, Path]:
         fmt, prompts = SETTINGS[name]
-        m = meta["formats"][fmt]
+        p = WHOLE if name in whole else ROOT
+        return fmt, prompts, metas[p]["formats"][fmt], roots[p]
+
+    engine_runs: dict[str, dict] = {}
+    for name in names:             # every engine run first: a call cut short keeps them all
+        fmt, prompts, m, root = inputs(name)
         ids = m["ids"][:12] if a.smoke else m["ids"]
         lengths = {str(k): v for k, v in m["lengths"].items()}
-        if name in a.seed_only.split(","):
-            sids = m["seed_style_ids"]
-            seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke, root)
-            result[name + "_seed_style_only"] = seed
-            (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-            print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
-            continue
-        eng = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke, root)
+        eng = engine_runs[name] = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke, root)
         print(name, "engine", json.dumps({k: v for k, v in eng.items() if k != "engine"}), flush=True)
-        result[name] = setting_result(name, m, eng, None, result.get("ceiling"))
+        result[name] = dict(setting_result(name, m, eng, None, result.get("ceiling")),
+                            sample="whole setting" if name in whole else "seeded sample of whole tables")
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later step dies
-        seed = None
+    for name in names:
+        fmt, prompts, m, root = inputs(name)
         if name in a.seed_style.split(","):
+            lengths = {str(k): v for k, v in m["lengths"].items()}
             sids = m["seed_style_ids"][:3] if a.smoke else m["seed_style_ids"]
             seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke, root)
             print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
-        result[name] = setting_result(name, m, eng, seed, result.get("ceiling"))
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later setting dies
+            result[name] = dict(setting_result(name, m, engine_runs[name], seed, result.get("ceiling")),
+                                sample=result[name]["sample"])
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # kept if a later setting dies
         r = result[name]
-        print(f"== {name}: {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run {r['full_run_min']} min; "
-              f"ratio {r.get('ratio_vs_seed_style')}; breakdown {r['breakdown']}; prefill {r['prefill_tok_s']} tok/s",
-              flush=True)
+        print(f"== {name} ({r['sample']}): {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run "
+              f"{r['full_run_min']} min; ratio {r.get('ratio_vs_seed_style')}; breakdown {r['breakdown']}; "
+              f"prefill {r['prefill_tok_s']} tok/s", flush=True)
     return 0
 
 
