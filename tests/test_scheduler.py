@@ -92,18 +92,25 @@ class FakeRunner:
         import torch
 
         self.shape = KVShape(1, 1, 1, torch.float64)
-        self.capture_s, self.graph_count = 0.0, 0
+        self.capture_s = 0.0
         self.steps, self.fail_step_at = 0, fail_step_at
         self.rows_per_step: list[int] = []
         self.pools: list[KVPool] = []
+        self.live: list[KVPool] = []           # pools made and not yet dropped
+        self.most_live_positions = 0           # KV positions the live pools held at once, at most
         self.passes: list[int] = []
 
     def new_pool(self, slots: int, length: int) -> KVPool:
         self.pools.append(KVPool(self.shape, slots, length, "cpu"))
+        self.live.append(self.pools[-1])
+        self.most_live_positions = max(self.most_live_positions, sum(p.slots * p.length for p in self.live))
         return self.pools[-1]
 
-    def drop_graphs(self) -> None:
-        pass
+    def drop_graphs(self, pool: KVPool | None = None) -> None:
+        self.live = [] if pool is None else [p for p in self.live if p is not pool]
+
+    def graphs_of(self, pool: KVPool) -> int:
+        return 0
 
     @staticmethod
     def _history(pool: KVPool, slot: int, n: int) -> list[int]:
@@ -232,3 +239,59 @@ def test_the_pool_is_keyed_by_request_and_compaction_keeps_each_requests_kv():
     assert pool.advance(picks) == {"c": 7, "d": 8} and pool.length_of("d") == 4
     with pytest.raises(ValueError, match="slot length 16 < 17"):
         pool.written("c", 17, 17)
+
+
+def alternating_requests(n_tables: int) -> list[GenRequest]:
+    """Tables of two sizes in turn (slot lengths 1K and 4K), as a plan by file size alternates between
+    neighbouring buckets; a few questions each."""
+    rng, reqs = random.Random(5), []
+    for t in range(n_tables):
+        table = f"<table {t}>" + "".join(chr(65 + rng.randrange(26)) for _ in range(300 if t % 2 else 2500))
+        for k in range(3):
+            q = f"Q{k}: " + "".join(chr(97 + rng.randrange(26)) for _ in range(rng.randint(5, 30)))
+            reqs.append(GenRequest((t, k), [{"role": "user", "content": table + q}], share_from=q,
+                                   max_new_tokens=rng.choice([3, 40, 200])))
+    return reqs
+
+
+def run_by_table(engine: PrefixEngine, reqs: list[GenRequest], settings: GenSettings) -> list:
+    by_table: dict = {}
+    for r in reqs:
+        by_table.setdefault(r.key[0], []).append(r)
+    return list(engine.run_stream(iter(by_table.values()), settings))
+
+
+def test_alternating_slot_lengths_reuse_live_pools_that_step_together():
+    """The whole text_latex setting made 323 pools for 528 tables when one pool lived at a time. With
+    memory for both, two lengths in turn make two pools, each keeps decoding while the other admits."""
+    backend, runner = FakeBackend(), FakeRunner()
+    reqs = alternating_requests(16)
+    settings = GenSettings(max_new_tokens=200)
+    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
+    backend.generated.clear()
+    engine = PrefixEngine(backend, batch_size=4, token_budget=8192, max_slots=4, runner=runner)
+    out = run_by_table(engine, reqs, settings)
+    assert answers(out) == ref and not backend.generated
+    st = engine.stats
+    assert sorted(p["length"] for p in st["pools"]) == [1024, 4096]          # made once each
+    assert st["pools"][1]["beside"] == 1
+    assert st["decode_ticks"] < st["decode_steps"]            # ticks in which both pools stepped
+    assert runner.most_live_positions <= 8192 * 8             # the engine's memory (CPU: 8 x token_budget)
+
+
+def test_short_memory_frees_or_drains_a_pool_before_making_the_next():
+    """Room for one pool at a time: each switch frees the last pool first (drained if busy), so the
+    live pools never hold more than the memory, and every answer is still the plain loop's."""
+    backend, runner = FakeBackend(), FakeRunner()
+    reqs = alternating_requests(8)
+    settings = GenSettings(max_new_tokens=200)
+    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
+    backend.generated.clear()
+    engine = PrefixEngine(backend, batch_size=4, token_budget=2048, max_slots=4, runner=runner)
+    out = run_by_table(engine, reqs, settings)
+    assert answers(out) == ref and not backend.generated
+    st = engine.stats
+    assert len(st["pools"]) == 8 and all(p["beside"] == 0 for p in st["pools"])    # one at a time
+    assert runner.most_live_positions <= 2048 * 8
+    assert st["drain_steps"] > 0 and all(len(p) == 0 for p in runner.pools)
+

@@ -6,7 +6,8 @@
   projections and MLP run once over the packed suffixes, each suffix attends to the prefix and its own
   earlier tokens (one flash-attention call each), and its keys and values land in its own slot;
 - ``prefill``: tokens after those already in one slot (eager);
-- ``step``: one decode token for every busy slot, replayed as one CUDA graph per step size.
+- ``step``: one decode token for every busy slot of a pool, replayed as one CUDA graph per (pool, step
+  size); each live pool keeps its graphs, in a memory pool of their own, until it is dropped.
 
 The passes use the model's own modules (projections, norms, rotary embedding, MLP, head), so the
 weights and the arithmetic are the model's; only the attention is ours (``attention``).
@@ -38,26 +39,27 @@ class ModelRunner:
         self.fused = [fuse_projections(layer) for layer in self.layers]
         self.use_graphs = graphs
         self.capture_s = 0.0
-        self._graphs: dict[int, tuple[Any, Any]] = {}     # step size -> (graph, its logits), for _graph_pool
-        self._graph_pool: KVPool | None = None
-        self._mempool: Any = None
+        self._graphs: dict[KVPool, dict[int, tuple[Any, Any]]] = {}   # pool -> step size -> (graph, its logits)
+        self._mempools: dict[KVPool, Any] = {}                         # pool -> its graphs' memory pool
 
     @property
     def shape(self) -> KVShape:
         return KVShape(len(self.layers), self.kvh, self.hd, self.tm.embed_tokens.weight.dtype)
 
     def new_pool(self, slots: int, length: int) -> KVPool:
-        self.drop_graphs()
         return KVPool(self.shape, slots, length, self.device)
 
-    def drop_graphs(self) -> None:
-        """Graphs read one pool's memory: they go with it, and so does their memory pool (a new pool's
-        graphs get a fresh one, as each pool did when it owned its graphs)."""
-        self._graphs, self._graph_pool, self._mempool = {}, None, None
+    def drop_graphs(self, pool: KVPool | None = None) -> None:
+        """A pool's graphs read its memory: they go with it, and so does their memory pool (graphs of
+        two pools in one memory pool broke every pool after the first on an H200). No pool: all."""
+        if pool is None:
+            self._graphs, self._mempools = {}, {}
+        else:
+            self._graphs.pop(pool, None)
+            self._mempools.pop(pool, None)
 
-    @property
-    def graph_count(self) -> int:
-        return len(self._graphs)
+    def graphs_of(self, pool: KVPool) -> int:
+        return len(self._graphs.get(pool, ()))
 
     # ---- prompts --------------------------------------------------------------------------------------
     def prefix(self, first: Any, image: Any) -> tuple[Any, int, int, Any]:
@@ -172,10 +174,7 @@ class ModelRunner:
         if not self.use_graphs:
             with torch.no_grad():
                 return self._step(pool, size)
-        if self._graph_pool is not pool:
-            self.drop_graphs()
-            self._graph_pool = pool
-        graph, out = self._graphs.get(size) or self._capture(pool, size)
+        graph, out = self._graphs.get(pool, {}).get(size) or self._capture(pool, size)
         graph.replay()
         return out
 
@@ -203,12 +202,11 @@ class ModelRunner:
     def _capture(self, pool: KVPool, size: int) -> tuple[Any, Any]:
         """The step over the first ``size`` slots as a CUDA graph. Warm-up steps run with every slot
         inactive, so no position advances; they write each slot's current key and value, which the real
-        step writes again. All graphs share one memory pool: they never run at once."""
+        step writes again. A pool's graphs share one memory pool: they never run at once."""
         import torch
 
         t0 = time.perf_counter()
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
+        mempool = self._mempools.setdefault(pool, torch.cuda.graph_pool_handle())
         saved = pool.active.clone()
         pool.active.zero_()
         with torch.no_grad():
@@ -219,12 +217,12 @@ class ModelRunner:
                     self._step(pool, size)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
+            with torch.cuda.graph(graph, pool=mempool):
                 out = self._step(pool, size)
         pool.active.copy_(saved)
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - t0
-        self._graphs[size] = (graph, out)
+        self._graphs.setdefault(pool, {})[size] = (graph, out)
         return graph, out
 
     # ---- pieces of a layer ----------------------------------------------------------------------------

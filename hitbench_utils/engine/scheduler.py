@@ -3,8 +3,9 @@
 Groups (questions sharing a prefix, ``prefixes``) run longest first. A group's prefix is computed once
 by the model's own forward (its first question rides along), its further questions are prefilled in
 packed passes over it (``runner.prefill_group``), and decode steps run whenever a question finds no
-free slot. A failure falls back to the plain batched engine for the questions it touched, so the
-guarantees of ``Engine`` (failure isolation, the OOM split) still hold.
+free slot. A group decodes in a live pool of its slot length, or in a new one (``pools``); every busy
+pool steps at each decode step. A failure falls back to the plain batched engine for the questions it
+touched, so the guarantees of ``Engine`` (failure isolation, the OOM split) still hold.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..errors import status_of
 from ..records import Degradation
 from .batching import Engine, empty_cache, free_memory, release_frames, sync
 from .kv_pool import KVPool, bucket_length
+from .pools import PoolSet, keep_beside, nbytes, new_pool_slots
 from .prefixes import _Group, _Row, _Split, _cap, split
 from .runner import ModelRunner
 from .sampling import generator, pick
@@ -27,11 +29,12 @@ Outcomes = Iterator[tuple[GenRequest, GenResult | BaseException, list[Degradatio
 
 
 class PrefixEngine(Engine):
-    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in a ``KVPool``.
-    A group that needs longer slots than the pool has, or much shorter ones, waits for the pool to drain
-    (counted as drain steps), then gets a pool sized for it; the slot count follows free memory.
+    """An ``Engine`` for local HF models: shared prefixes, and continuous batched decoding in ``KVPool``s.
+    A group goes to a live pool of its slot length, or gets a new one, beside the others when memory
+    gives it its full slot count; else idle pools are freed, then busy ones drained (their steps, and
+    those of any pool that is not admitting, count as drain steps). The slot count follows free memory.
 
-    It talks to the KV memory only through the pool's request handle (``add``, ``start``, ``advance``,
+    It talks to the KV memory only through the pools' request handle (``add``, ``start``, ``advance``,
     ``release``), and to the model only through ``runner`` (a ``ModelRunner``, or a stand-in in tests)."""
 
     def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, runner: Any = None,
@@ -40,12 +43,14 @@ class PrefixEngine(Engine):
         self.max_slots = max_slots
         self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
         self._runner = runner
-        self.pool: KVPool | None = None
+        self.pools = PoolSet()
+        self._admitting: KVPool | None = None    # the pool the current group enters
         self.rows: dict[int, _Row] = {}          # request handle -> its decoding state
         self._next_rid = 0
         self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
         self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
-                      "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [], "capture_s": 0.0, "moves": 0,
+                      "decode_steps": 0, "decode_ticks": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [],
+                      "capture_s": 0.0, "moves": 0,
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
                       "prefix_times": [], "suffix_times": []}
 
@@ -71,34 +76,42 @@ class PrefixEngine(Engine):
         try:
             for requests in chunks:
                 if not requests:     # nothing new now, more may come: advance the work in flight
-                    if self.rows and self.pool is not None:
+                    if self.rows:
                         yield from self._step(settings)
                     continue
                 groups, plain = self._group(requests)
                 if plain:
-                    if self.pool is not None:
-                        yield from self._drop_pool(settings)
+                    yield from self._drop_all(settings)
                     yield from Engine.run(self, plain, settings)
                 for g in sorted(groups.values(), key=lambda g: -g.need(settings)):
                     yield from self._run_group(g, settings)
             yield from self._drain(settings)
         finally:
-            self.pool, self.rows = None, {}
+            self.pools, self.rows, self._admitting = PoolSet(), {}, None
+            if self._runner is not None:
+                self._runner.drop_graphs()
             st = self.stats
             st["rows_per_step"] = round(st["decode_rows"] / st["decode_steps"], 2) if st["decode_steps"] else None
             st["drain_step_share"] = round(st["drain_steps"] / st["decode_steps"], 3) if st["decode_steps"] else None
             free_memory()
 
-    def _drop_pool(self, settings: GenSettings) -> Outcomes:
+    def _drop_all(self, settings: GenSettings) -> Outcomes:
+        """Every pool drained and freed (before plain batches, or for a prefix that ran out of memory)."""
         yield from self._drain(settings)
-        self.pool = None
-        self.runner.drop_graphs()
+        for pool in list(self.pools.pools):
+            self._retire(pool)
         empty_cache()
+
+    def _retire(self, pool: KVPool) -> None:
+        self.pools.remove(pool)
+        self.runner.drop_graphs(pool)
+        if self._admitting is pool:
+            self._admitting = None
 
     def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings) -> Outcomes:
         release_frames(e)
-        if status_of(e) == "oom" and self.pool is not None:   # give the plain engine the pool's memory
-            yield from self._drop_pool(settings)
+        if status_of(e) == "oom" and self.pools:   # give the plain engine the pools' memory
+            yield from self._drop_all(settings)
         free_memory()
         log.warning("shared-prefix work on %d question(s) failed (%s: %s): falling back to plain batches",
                     len(members), type(e).__name__, str(e)[:300])
@@ -116,85 +129,89 @@ class PrefixEngine(Engine):
         g.members = admitted
         if not admitted:
             return
-        need = g.need(settings)
-        if self.pool is not None and (need > self.pool.length or bucket_length(need) < self.pool.length):
-            yield from self._drop_pool(settings)
         t_group = time.perf_counter()
         try:
             cache, P, delta, first_logits = self._prefix(g)
         except Exception as e:  # noqa: BLE001
-            if status_of(e) != "oom" or self.pool is None:
+            if status_of(e) != "oom" or not self.pools:
                 yield from self._fallback(g.members, e, settings)
                 return
             release_frames(e)
-            yield from self._drop_pool(settings)     # the pool's memory is what the prefix lacked
+            yield from self._drop_all(settings)     # the pools' memory is what the prefix lacked
             try:
                 cache, P, delta, first_logits = self._prefix(g)
             except Exception as e2:  # noqa: BLE001
                 yield from self._fallback(g.members, e2, settings)
                 return
-        if P != g.prefix_len:     # an image prefix: the processor's count is the real one
-            g.prefix_len = P
-            need = g.need(settings)
-            if self.pool is not None and need > self.pool.length:
-                yield from self._drop_pool(settings)
-        if self.pool is None:
-            try:
-                self._new_pool(need, P)
-            except Exception as e:  # noqa: BLE001 - e.g. no memory for even one slot of this length
-                del cache
-                yield from self._fallback(g.members, e, settings)
-                return
-        first, rest = g.members[0], g.members[1:]
-        while self.pool is not None and not self.pool.room:
-            yield from self._step(settings)
-        if self.pool is None:      # a failure dropped the pool: this group runs plain
-            yield from self._plain(g.members, settings)
+        g.prefix_len = P          # an image prefix: the processor's count is the real one
+        need, first, rest = g.need(settings), g.members[0], g.members[1:]
+        try:
+            pool = yield from self._pool_with_room(need, P, None, settings)
+        except Exception as e:  # noqa: BLE001 - e.g. no memory for even one slot of this length
+            del cache
+            yield from self._fallback(g.members, e, settings)
             return
-        rid = self._add()              # the first question's suffix rode along in the prefix forward
+        rid = self._add(pool)          # the first question's suffix rode along in the prefix forward
         n = P + len(first.suffix_ids)
-        self.runner.load(self.pool, rid, cache, n, n + delta)
-        yield from self._start([first], [rid], pick(first_logits[None].float(), settings, self._gen).tolist(), t_group)
+        self.runner.load(pool, rid, cache, n, n + delta)
+        yield from self._start(pool, [first], [rid], pick(first_logits[None].float(), settings, self._gen).tolist(), t_group)
         while rest:
-            while self.pool is not None and not self.pool.room:
-                yield from self._step(settings)
-            if self.pool is None:
-                yield from self._plain(rest, settings)
+            try:
+                pool = yield from self._pool_with_room(need, P, pool, settings)
+            except Exception as e:  # noqa: BLE001
+                yield from self._fallback(rest, e, settings)
                 break
             k, tokens = 0, 0
-            while k < min(len(rest), self.pool.room) and (k == 0 or tokens + len(rest[k].suffix_ids) <= SUFFIX_TOKENS):
+            while k < min(len(rest), pool.room) and (k == 0 or tokens + len(rest[k].suffix_ids) <= SUFFIX_TOKENS):
                 tokens += len(rest[k].suffix_ids)
                 k += 1
             batch, rest = rest[:k], rest[k:]
-            yield from self._suffixes(batch, cache, P, delta, settings)
+            yield from self._suffixes(pool, batch, cache, P, delta, settings)
         del cache
+
+    def _pool_with_room(self, need: int, P: int, pool: KVPool | None, settings: GenSettings) -> Iterator[Any]:
+        """``pool`` once it has a free slot (decode steps until then); if a failure dropped it, a live
+        pool that fits ``need`` or a new one, so only the questions in flight ever fall back."""
+        while True:
+            if pool not in self.pools:
+                self._admitting = None       # steps that make room for a new pool are drain steps
+                pool = self.pools.fitting(need, self.max_slots)     # (a pool with no requests is falsy)
+                if pool is None:
+                    pool = yield from self._new_pool(need, P, settings)
+            self._admitting = pool
+            while pool in self.pools and not pool.room:
+                yield from self._step(settings)
+            if pool in self.pools:
+                return pool
 
     def _plain(self, members: list[_Split], settings: GenSettings) -> Outcomes:
         for r, res, steps in Engine.run(self, [x.req for x in members], settings):
             yield r, res, [Degradation("prefix_fallback", "a decode failure dropped the pool")] + steps
 
-    def _suffixes(self, batch: list[_Split], cache: Any, P: int, delta: int, settings: GenSettings) -> Outcomes:
+    def _suffixes(self, pool: KVPool, batch: list[_Split], cache: Any, P: int, delta: int, settings: GenSettings
+                  ) -> Outcomes:
         """Further questions of a group in one packed pass over its prefix; a failed pass of several
         retries them one by one, so only a question that fails alone falls back to plain batches."""
-        rids = [self._add() for _ in batch]
+        rids = [self._add(pool) for _ in batch]
         t0 = time.perf_counter()
         try:
-            logits = self.runner.prefill_group(self.pool, rids, cache, P, [m.suffix_ids for m in batch], P + delta)
+            logits = self.runner.prefill_group(pool, rids, cache, P, [m.suffix_ids for m in batch], P + delta)
             toks = pick(logits.float(), settings, self._gen).tolist()
             sync(self.backend.device)
         except Exception as e:  # noqa: BLE001
             for rid in rids:
-                self.pool.release(rid)
+                if rid in self.pools.home:
+                    self.pools.release(rid)
             if len(batch) == 1:
                 yield from self._fallback(batch, e, settings)
                 return
             release_frames(e)
             free_memory()
             for m in batch:
-                if self.pool is None:
+                if pool not in self.pools:
                     yield from self._plain([m], settings)
                 else:
-                    yield from self._suffixes([m], cache, P, delta, settings)
+                    yield from self._suffixes(pool, [m], cache, P, delta, settings)
             return
         dt = time.perf_counter() - t0
         st = self.stats
@@ -203,46 +220,68 @@ class PrefixEngine(Engine):
         st["suffix_tokens"] += sum(len(m.suffix_ids) for m in batch)
         st["suffix_s"] += dt
         st["suffix_times"].append((P, len(batch), round(dt, 4)))
-        yield from self._start(batch, rids, toks, t0)
+        yield from self._start(pool, batch, rids, toks, t0)
 
-    def _add(self) -> int:
-        """A new request handle, holding a slot of the pool."""
+    def _add(self, pool: KVPool) -> int:
+        """A new request handle, holding a slot of ``pool``."""
         rid, self._next_rid = self._next_rid, self._next_rid + 1
-        self.pool.add(rid)
+        self.pools.admit(pool, rid)
         return rid
 
-    def _start(self, batch: list[_Split], rids: list[int], toks: list[int], t0: float) -> Outcomes:
-        """Rows for questions whose prompt is in the pool, each with its first token."""
+    def _start(self, pool: KVPool, batch: list[_Split], rids: list[int], toks: list[int], t0: float) -> Outcomes:
+        """Rows for questions whose prompt is in ``pool``, each with its first token."""
         for m, rid, tok in zip(batch, rids, toks):
-            row = _Row(m, self.pool.length_of(rid), _cap(m, self._settings), t0, self._settings.max_time)
+            row = _Row(m, pool.length_of(rid), _cap(m, self._settings), t0, self._settings.max_time)
             self.rows[rid] = row
             if row.add(tok, self.backend.eos_ids):
                 yield self._finish(rid)
             else:
-                self.pool.start(rid, tok)
+                pool.start(rid, tok)
 
-    def _new_pool(self, need: int, prefix_len: int) -> None:
+    def _new_pool(self, need: int, prefix_len: int, settings: GenSettings) -> Iterator[Any]:
+        """A pool for ``need`` positions: beside the live pools if that gives it its full slot count,
+        else after freeing idle pools, else after draining the busy ones. Returns it."""
         empty_cache()        # the prefix's activations go back before free memory is read
         length, per_tok = bucket_length(need), self.runner.shape.bytes_per_token()
-        dev = str(self.backend.device)
-        if dev.startswith("cuda"):
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(torch.device(dev))
-            # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
-            # their activations need about as much again
-            room = free - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
-        else:
-            room = self.token_budget * 8 * per_tok
-        slots = min(self.max_slots, int(room // (length * per_tok)))
+        room = self._room(prefix_len, per_tok)
+        beside, alone = new_pool_slots(room, self.pools.held_bytes(), length, per_tok, self.max_slots)
+        while not keep_beside(beside, alone) and self.pools:
+            idle = self.pools.idle()
+            if idle:
+                self._retire(idle[0])
+            else:              # the largest busy pool finishes its answers (the others step too), then goes
+                largest = max(self.pools.busy(), key=nbytes)
+                while largest in self.pools and len(largest):
+                    yield from self._step(settings, drain=True)
+                if largest in self.pools:
+                    self._retire(largest)
+            empty_cache()
+            beside, alone = new_pool_slots(room, self.pools.held_bytes(), length, per_tok, self.max_slots)
+        slots = alone
         if slots < 1:
             from ..errors import SampleOOM
 
             raise SampleOOM(f"no room for one {length}-token decode slot ({room / 2**30:.1f} GiB left)")
-        self.pool = self.runner.new_pool(slots, length)
-        self.stats["pools"].append({"slots": slots, "length": length, "capture_s": 0.0, "graphs": 0, "steps": 0,
-                                    "rows": 0, "decode_s": 0.0})
-        log.info("decode pool: %d slots of %d tokens (%.1f GiB)", slots, length, slots * length * per_tok / 2**30)
+        pool = self.runner.new_pool(slots, length)
+        entry = {"slots": slots, "length": length, "capture_s": 0.0, "graphs": 0, "steps": 0, "rows": 0,
+                 "decode_s": 0.0, "beside": len(self.pools.pools)}
+        self.stats["pools"].append(entry)
+        self.pools.add(pool, entry)
+        log.info("decode pool: %d slots of %d tokens (%.1f GiB), beside %d live", slots, length,
+                 slots * length * per_tok / 2**30, entry["beside"])
+        return pool
+
+    def _room(self, prefix_len: int, per_tok: int) -> int:
+        """Memory a new pool could have were every live pool freed."""
+        dev = str(self.backend.device)
+        if not dev.startswith("cuda"):
+            return self.token_budget * 8 * per_tok
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(dev))
+        # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
+        # their activations need about as much again
+        return free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
 
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
         t0 = time.perf_counter()
@@ -269,45 +308,53 @@ class PrefixEngine(Engine):
 
     # ---- decoding -----------------------------------------------------------------------------------
     def _step(self, settings: GenSettings, drain: bool = False) -> Outcomes:
-        pool, runner = self.pool, self.runner
+        """One decode step of every busy pool (one tick): a pool that no longer admits finishes its
+        answers while the admitting one works."""
+        self.stats["decode_ticks"] += 1
+        for pool in self.pools.busy():
+            if pool in self.pools and len(pool):        # a failure in this tick may have dropped it
+                yield from self._step_pool(pool, settings, drain or pool is not self._admitting)
+
+    def _step_pool(self, pool: KVPool, settings: GenSettings, drain: bool) -> Outcomes:
+        runner = self.runner
         t0 = time.perf_counter()
         captured = runner.capture_s
         try:
             moves = pool.compact()
             logits = runner.step(pool)
             toks = pool.advance(pick(logits.float(), settings, self._gen))
-        except Exception as e:  # noqa: BLE001 - every running question falls back to the plain engine
-            rows = [self.rows.pop(r).split for r in list(self.rows)]
-            self.pool = pool = None       # its memory goes back before the plain batches run
-            runner.drop_graphs()
+        except Exception as e:  # noqa: BLE001 - the pool's running questions fall back to the plain engine
+            rows = [self.rows.pop(r).split for r in list(self.pools.requests(pool))]
+            self._retire(pool)       # its memory goes back before the plain batches run
             yield from self._fallback(rows, e, settings)
             return
         capture = runner.capture_s - captured         # a step size's first use captures its graph
         dt = time.perf_counter() - t0 - capture
-        for d in (self.stats, self.stats["pools"][-1]):
+        entry = self.pools.stats[pool]
+        for d in (self.stats, entry):
             d["decode_s"] += dt
             d["capture_s"] += capture
+        entry["rows"] += len(pool)
+        entry["steps"] += 1
+        entry["graphs"] = runner.graphs_of(pool)
+        self.stats["decode_rows"] += len(pool)
         self.stats["moves"] += moves
-        self.stats["pools"][-1]["graphs"] = runner.graph_count
         self.stats["decode_steps"] += 1
         if drain:            # no question can enter: the pool's last (long) answers step on their own
             self.stats["drain_steps"] += 1
             self.stats["drain_s"] += dt
-        self.stats["pools"][-1]["steps"] += 1
-        self.stats["decode_rows"] += len(self.rows)
-        self.stats["pools"][-1]["rows"] += len(self.rows)
         now = time.perf_counter()
         for rid, tok in toks.items():
             if self.rows[rid].add(tok, self.backend.eos_ids, now):
                 yield self._finish(rid)
 
     def _drain(self, settings: GenSettings) -> Outcomes:
-        while self.rows and self.pool is not None:
+        while self.rows and self.pools.busy():
             yield from self._step(settings, drain=True)
 
     def _finish(self, rid: int) -> tuple[GenRequest, GenResult, list[Degradation]]:
         row = self.rows.pop(rid)
-        self.pool.release(rid)
+        self.pools.release(rid)
         text = self.backend.tokenizer.decode(row.tokens, skip_special_tokens=True)
         res = GenResult(text=text, output_tokens=len(row.tokens), input_tokens=row.n_input,
                         seconds=time.perf_counter() - row.t0, timed_out=row.timed_out)
