@@ -2,6 +2,7 @@
 
     python bench/e2e_gpu.py --prepare                 # here (CPU): seeded samples of whole tables -> .device/e2e
     python bench/e2e_gpu.py --out bench/results       # on one GPU, .device/ sent along
+    python bench/e2e_gpu.py --whole text_latex ...    # that setting whole (--prepare --whole first), the rest sampled
     python bench/e2e_gpu.py --smoke                   # a CPU check of the same path (tiny model, 2 tables)
     python bench/e2e_gpu.py --merge OUT.json A.json B.json   # one result file from several GPU calls
 
@@ -12,8 +13,11 @@ text_latex) runs ``Job(...).execute()`` on a run folder, as the notebook does, w
 ``Job.request_hook``. The sample is a seeded uniform random sample of whole tables (every question on
 each), at least 60 tables and 300 questions per format. The seed-style loop (batch 1, sequential,
 eager ``generate``, the same prompts: ``share_prefix=False, batch_size=1`` through the same ``Job``)
-runs in the same call on a seeded uniform sub-sample of the questions. Wall time excludes model build
-(stated apart) and includes everything ``execute`` does: preparing prompts, generation, the run log.
+runs in the same call, after every setting's engine run, on a seeded uniform sub-sample of the questions
+(the result file is rewritten after each run, so a call cut short keeps what it measured). Wall time
+excludes model build (stated apart) and includes everything ``execute`` does: preparing prompts,
+generation, the run log. A run longer than one GPU command may last runs in the background
+(``setsid nohup``) and is polled by the commands that follow.
 """
 from __future__ import annotations
 

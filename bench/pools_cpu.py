@@ -4,12 +4,13 @@ makes (pools made, decode steps, rows per step, graphs captured), not time.
 
     python bench/e2e_gpu.py --prepare --whole        # once: the whole settings' inputs
     python bench/pools_cpu.py --setting text_latex --gpu-call bench/results/e2e-...-call-7042919.json
+    git checkout 7042919 -- hitbench_utils/engine && python bench/pools_cpu.py ... --tag=-scheduler-7042919
+        # the one-pool scheduler that GPU call ran (then git checkout HEAD -- hitbench_utils/engine)
 
 Answers run to their scripted lengths (``output_tokens.json``), as in ``e2e_gpu.py``. Memory follows an
 H200 as its GPU run logged it: ``--kv-gib`` free for decode pools beside the 8B's weights, less the
-prefix's activations and a reserve, as ``PrefixEngine`` sizes pools. With ``--gpu-call``, each pool
-kind's measured seconds per step on that GPU call turn the counted steps into a decode time: a
-projection, labelled as one.
+prefix's activations and a reserve, as ``PrefixEngine`` sizes pools. With ``--gpu-call``, step costs
+fitted to that GPU call's pools turn the counted steps into a decode time: a projection, labelled as one.
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ class CountingRunner:
             self._graphs = {}
         else:
             self._graphs.pop(pool, None)
+
+    @property
+    def graph_count(self) -> int:      # the one-pool scheduler's spelling (commit 7042919 and before)
+        return sum(len(v) for v in self._graphs.values())
 
     def graphs_of(self, pool) -> int:
         return len(self._graphs.get(pool, ()))
@@ -98,9 +103,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--setting", default="text_latex", choices=sorted(SETTINGS))
     ap.add_argument("--kv-gib", type=float, default=120.0)
-    ap.add_argument("--gpu-call", help="an e2e_gpu.py result of the same setting: seconds per step per pool kind")
+    ap.add_argument("--gpu-call", help="an e2e_gpu.py result with this setting: its pools' step costs, for the projection")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default="/tmp/pools_cpu")
+    ap.add_argument("--tag", default="", help="appended to the file name (pass it as --tag=-x)")
     a = ap.parse_args()
 
     import hitbench_utils.run as run_mod
@@ -113,7 +119,9 @@ def main() -> int:
     root = data_root(WHOLE, Path(a.work) / "inputs")
     backend, _ = build_random_8b(INPUTS / "qwen2", device="meta")     # the tokenizer and processor only
     runner, Sim = CountingRunner(), sim_engine(a.kv_gib)
-    run_mod.make_engine = lambda be, cfg: Sim(be, cfg.batch_size, cfg.token_budget, runner=runner)
+    # the one-pool scheduler sized CPU pools by token_budget: the same memory, prefix activations aside
+    budget = int(a.kv_gib * 2**30 / 8 / runner.shape.bytes_per_token())
+    run_mod.make_engine = lambda be, cfg: Sim(be, cfg.batch_size, budget, runner=runner)
     lengths = {str(k): v for k, v in m["lengths"].items()}
 
     def script(req):
@@ -139,37 +147,44 @@ def main() -> int:
                    "that only counts (no model, no time): real plan, preparation and scheduler",
            "setting": a.setting, "questions": len(m["ids"]), "verdict": summary["verdict"],
            "kv_gib": a.kv_gib, "cpu_s": round(time.perf_counter() - t0, 1),
-           "schedule": {k: st[k] for k in ("groups", "decode_steps", "decode_ticks", "decode_rows", "drain_steps",
+           "schedule": {k: st.get(k) for k in ("groups", "decode_steps", "decode_ticks", "decode_rows", "drain_steps",
                                             "rows_per_step", "drain_step_share", "moves")},
-           "pools_made": len(st["pools"]), "pools_made_beside_others": sum(p["beside"] > 0 for p in st["pools"]),
+           "pools_made": len(st["pools"]), "pools_made_beside_others": sum(p.get("beside", 0) > 0 for p in st["pools"]),
            "graphs_captured": runner.captures, "pool_kinds": kinds}
     if a.gpu_call:
-        out["projection"] = projection(json.loads(Path(a.gpu_call).read_text())[a.setting], kinds, Path(a.gpu_call).name)
+        out["projection"] = projection(json.loads(Path(a.gpu_call).read_text())[a.setting], kinds, runner.captures,
+                                       Path(a.gpu_call).name)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"pools-{time.strftime('%Y-%m-%d')}-cpu-{a.setting}.json"
+    path = Path(a.out) / f"pools-{time.strftime('%Y-%m-%d')}-cpu-{a.setting}{a.tag}.json"
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
     return 0
 
 
-def projection(gpu: dict, kinds: dict, call: str) -> dict:
-    """Decode and capture time at the GPU call's measured seconds per step and per graph, by pool kind
-    (a kind the call lacks takes the call's overall figure). A projection: steps of pools that run in
-    the same tick each count whole, as they do on the GPU (one graph replay each)."""
+def projection(gpu: dict, kinds: dict, captured: int, call: str) -> dict:
+    """Decode time of the counted schedule at the GPU call's step costs: a step costs ``a`` (the weights,
+    launches) plus ``b`` per row and slot position (its KV), fitted by least squares to the call's pools
+    (each pool's steps, rows, slot length and decode seconds). The fit's own error on the call is given.
+    A projection: steps of pools that run in the same tick each count whole, as they do on the GPU."""
     pools = gpu["engine_run"]["engine"]["pools"]
-    per: dict = {}
-    for p in pools:
-        k = per.setdefault(f"{p['slots']}x{p['length']}", [0.0, 0])
-        k[0] += p["decode_s"]
-        k[1] += p["steps"]
-    overall = sum(v[0] for v in per.values()) / max(1, sum(v[1] for v in per.values()))
+    xs = [(p["steps"], p["rows"] * p["length"], p["decode_s"]) for p in pools if p["steps"]]
+    s11, s12, s22 = (sum(x * x for x, _, _ in xs), sum(x * y for x, y, _ in xs), sum(y * y for _, y, _ in xs))
+    t1, t2 = sum(x * t for x, _, t in xs), sum(y * t for _, y, t in xs)
+    det = s11 * s22 - s12 * s12
+    a, b = (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+
+    def cost(steps: int, rows_x_len: float) -> float:
+        return a * steps + b * rows_x_len
+
     graphs = sum(p["graphs"] for p in pools)
-    decode = sum(k["steps"] * (per[n][0] / per[n][1] if n in per and per[n][1] else overall) for n, k in kinds.items())
+    decode = sum(cost(k["steps"], k["rows"] * int(n.split("x")[1])) for n, k in kinds.items())
     return {"label": "projection, not a measurement", "from_call": call,
+            "step_cost_fit": {"s_per_step": round(a, 5), "s_per_row_position": b,
+                              "fit_on_call_decode_s": round(sum(cost(x, y) for x, y, _ in xs), 1)},
             "measured_on_call": {"decode_s": gpu["breakdown"]["decode"], "capture_s": gpu["breakdown"]["capture"],
                                  "decode_steps": gpu["decode_steps"], "pools": len(pools), "graphs": graphs},
-            "decode_s_at_measured_step_times": round(decode, 1),
-            "capture_s_per_graph_measured": round(gpu["breakdown"]["capture"] / max(1, graphs), 3)}
+            "decode_s": round(decode, 1),
+            "capture_s_at_measured_s_per_graph": round(gpu["breakdown"]["capture"] / max(1, graphs) * captured, 1)}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .runlog import RunLock, attempts, read_log, runnable
 log = logging.getLogger("hitbench")
 
 START_WAIT_S = 120.0      # how long a ready rank waits for the others to load their models
+POLL_S = 0.2             # how often a waiting rank looks for the others
 
 
 # Relative cost of a question, in seconds of the 8B on an H100 (bench/results/throughput-*.json fits):
@@ -146,10 +147,14 @@ class Claims:
         deadline = time.monotonic() + timeout
         while True:
             live: dict[str, bool] = {}
-            ready = sum(self._live(p.name[:-len(".ready")], live) for p in RunFolder(self.run_dir).ranks.glob("*.ready"))
+            marks = [p for p in RunFolder(self.run_dir).ranks.glob("*.ready") if self._live(p.name[:-len(".ready")], live)]
+            ready = len(marks)
             if ready >= world or time.monotonic() >= deadline:
                 break
-            time.sleep(0.2)
+            time.sleep(POLL_S)
+        if ready >= world:       # start together: the last rank ready would otherwise lead by up to a poll
+            last = max((m.stat().st_mtime for m in marks if m.exists()), default=time.time())
+            time.sleep(min(max(0.0, last + 1.5 * POLL_S - time.time()), 2 * POLL_S))
         if ready < world:
             log.warning("rank %d: %d of %d ranks ready after %.0f s; starting without the rest", self.rank, ready,
                         world, timeout)

@@ -254,24 +254,27 @@ def alternating_requests(n_tables: int) -> list[GenRequest]:
     return reqs
 
 
-def run_by_table(engine: PrefixEngine, reqs: list[GenRequest], settings: GenSettings) -> list:
+def run_alternating(n_tables: int, token_budget: int) -> tuple[PrefixEngine, FakeRunner]:
+    """One table per pull, with memory for ``token_budget`` x 8 KV positions (the CPU's pool sizing);
+    every answer must be the plain loop's, and none may fall back."""
+    backend, runner = FakeBackend(), FakeRunner()
+    reqs = alternating_requests(n_tables)
+    settings = GenSettings(max_new_tokens=200)
+    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
+    backend.generated.clear()
+    engine = PrefixEngine(backend, batch_size=4, token_budget=token_budget, max_slots=4, runner=runner)
     by_table: dict = {}
     for r in reqs:
         by_table.setdefault(r.key[0], []).append(r)
-    return list(engine.run_stream(iter(by_table.values()), settings))
+    out = list(engine.run_stream(iter(by_table.values()), settings))
+    assert answers(out) == ref and not backend.generated
+    return engine, runner
 
 
 def test_alternating_slot_lengths_reuse_live_pools_that_step_together():
     """The whole text_latex setting made 323 pools for 528 tables when one pool lived at a time. With
     memory for both, two lengths in turn make two pools, each keeps decoding while the other admits."""
-    backend, runner = FakeBackend(), FakeRunner()
-    reqs = alternating_requests(16)
-    settings = GenSettings(max_new_tokens=200)
-    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
-    backend.generated.clear()
-    engine = PrefixEngine(backend, batch_size=4, token_budget=8192, max_slots=4, runner=runner)
-    out = run_by_table(engine, reqs, settings)
-    assert answers(out) == ref and not backend.generated
+    engine, runner = run_alternating(16, token_budget=8192)
     st = engine.stats
     assert sorted(p["length"] for p in st["pools"]) == [1024, 4096]          # made once each
     assert st["pools"][1]["beside"] == 1
@@ -282,14 +285,7 @@ def test_alternating_slot_lengths_reuse_live_pools_that_step_together():
 def test_short_memory_frees_or_drains_a_pool_before_making_the_next():
     """Room for one pool at a time: each switch frees the last pool first (drained if busy), so the
     live pools never hold more than the memory, and every answer is still the plain loop's."""
-    backend, runner = FakeBackend(), FakeRunner()
-    reqs = alternating_requests(8)
-    settings = GenSettings(max_new_tokens=200)
-    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
-    backend.generated.clear()
-    engine = PrefixEngine(backend, batch_size=4, token_budget=2048, max_slots=4, runner=runner)
-    out = run_by_table(engine, reqs, settings)
-    assert answers(out) == ref and not backend.generated
+    engine, runner = run_alternating(8, token_budget=2048)
     st = engine.stats
     assert len(st["pools"]) == 8 and all(p["beside"] == 0 for p in st["pools"])    # one at a time
     assert runner.most_live_positions <= 2048 * 8
