@@ -49,10 +49,8 @@ class PoolSet:
         pool.add(rid)
         self.home[rid] = pool
 
-    def release(self, rid: Hashable) -> KVPool:
-        pool = self.home.pop(rid)
-        pool.release(rid)
-        return pool
+    def release(self, rid: Hashable) -> None:
+        self.home.pop(rid).release(rid)
 
     def remove(self, pool: KVPool) -> None:
         """Forget a pool (its requests must be gone: finished, or handed to the plain engine)."""

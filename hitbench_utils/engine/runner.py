@@ -206,7 +206,9 @@ class ModelRunner:
         import torch
 
         t0 = time.perf_counter()
-        mempool = self._mempools.setdefault(pool, torch.cuda.graph_pool_handle())
+        if pool not in self._mempools:
+            self._mempools[pool] = torch.cuda.graph_pool_handle()
+        mempool = self._mempools[pool]
         saved = pool.active.clone()
         pool.active.zero_()
         with torch.no_grad():
