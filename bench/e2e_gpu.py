@@ -326,7 +326,9 @@ def main() -> int:
 
     names = a.settings.split(",")
     whole = {n for n in names if n in a.whole.split(",")}
-    metas = {p: json.loads((p / "meta.json").read_text()) for p in ({WHOLE if n in whole else ROOT for n in names} | {ROOT})}
+    checks = not a.smoke and not a.no_checks
+    source = {n: WHOLE if n in whole else ROOT for n in names}          # each setting's prepared inputs
+    metas = {p: json.loads((p / "meta.json").read_text()) for p in {*source.values(), *([ROOT] if checks else [])}}
     roots = {p: data_root(p, Path(a.work) / "inputs") for p in metas}
     t0 = time.time()
     if a.smoke:
@@ -347,14 +349,14 @@ def main() -> int:
                                      "every question on each), or a seeded uniform random sample of whole tables, every "
                                      f"question on each, >= {a.tables} tables and >= {a.questions} questions",
                            "output_lengths": f"scripted per id from output_tokens.json, clipped to {MAX_NEW}; the "
-                                             f"median ({MEDIAN_OUT}) for ids it lacks (count per format below)",
+                                             f"median ({MEDIAN_OUT}) for ids it lacks (count per setting below)",
                            "seed_style": "the same Job with share_prefix=False, batch_size=1: batch 1, sequential, "
                                          "eager generate, the same prompts, on a seeded uniform sub-sample; run in "
                                          "the same call, after every setting's engine run",
                            "full_run_min": "wall_s x full questions / sample questions / 60 (conservative: each "
                                            "slot pool's last long answers are a fixed cost)"},
-              "missing_lengths": {f: m["missing_lengths"] for f, m in metas[ROOT]["formats"].items()}}
-    if not a.smoke and not a.no_checks:
+              "missing_lengths": {n: metas[p]["formats"][SETTINGS[n][0]]["missing_lengths"] for n, p in source.items()}}
+    if checks:
         result["ceiling"] = ceilings(backend.model)
         from bench.e2e_exact import logits_check
 
@@ -365,8 +367,7 @@ def main() -> int:
 
     def inputs(name: str) -> tuple[str, str, dict, Path]:
         fmt, prompts = SETTINGS[name]
-        p = WHOLE if name in whole else ROOT
-        return fmt, prompts, metas[p]["formats"][fmt], roots[p]
+        return fmt, prompts, metas[source[name]]["formats"][fmt], roots[source[name]]
 
     engine_runs: dict[str, dict] = {}
     for name in names:             # every engine run first: a call cut short keeps them all
