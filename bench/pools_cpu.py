@@ -90,11 +90,12 @@ class CountingRunner:
 
 
 def sim_engine(kv_gib: float):
-    from hitbench_utils.engine.scheduler import PREFILL_ACTIVATIONS, RESERVE_BYTES, PrefixEngine
+    from hitbench_utils.engine import scheduler as S
 
-    class SimEngine(PrefixEngine):
-        def _room(self, prefix_len: int, per_tok: int) -> int:
-            return int(kv_gib * 2**30 - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES)
+    class SimEngine(S.PrefixEngine):
+        def _room(self, prefix_len: int, per_tok: int) -> int:      # the CUDA sizing, with a fixed free memory
+            return int(kv_gib * 2**30 - S.PREFILL_ACTIVATIONS * prefix_len * per_tok - S.RESERVE_BYTES
+                       - getattr(S, "GRAPH_BYTES", 0) * len(self.pools.pools))
 
     return SimEngine
 

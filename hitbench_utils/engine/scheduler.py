@@ -280,8 +280,9 @@ class PrefixEngine(Engine):
 
         free, _ = torch.cuda.mem_get_info(torch.device(dev))
         # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
-        # their activations need about as much again
-        return free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
+        # their activations need about as much again; each live pool's graphs keep their own memory
+        return (free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
+                - GRAPH_BYTES * len(self.pools.pools))
 
     def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
         t0 = time.perf_counter()
@@ -364,3 +365,5 @@ class PrefixEngine(Engine):
 SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its MLP activations: 4096 x 24576 on the 8B)
 PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
 RESERVE_BYTES = 2 * 2**30
+GRAPH_BYTES = 2**29         # a live pool's graph memory, an estimate from its step's largest tensors (float32
+                            # scores: 32 rows x 32 heads x 16K keys is 64 MiB); not measured
