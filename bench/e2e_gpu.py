@@ -365,30 +365,31 @@ def main() -> int:
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
 
-    def inputs(name: str) -> tuple[str, str, dict, Path]:
+    def inputs(name: str) -> tuple[str, str, dict, dict, Path]:
+        """A setting's format, templates, prepared questions, scripted lengths and data folder."""
         fmt, prompts = SETTINGS[name]
-        return fmt, prompts, metas[source[name]]["formats"][fmt], roots[source[name]]
+        m = metas[source[name]]["formats"][fmt]
+        return fmt, prompts, m, {str(k): v for k, v in m["lengths"].items()}, roots[source[name]]
+
+    def record(name: str, m: dict, eng: dict, seed: dict | None) -> None:
+        result[name] = dict(setting_result(name, m, eng, seed, result.get("ceiling")),
+                            sample="whole setting" if name in whole else "seeded sample of whole tables")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later step dies
 
     engine_runs: dict[str, dict] = {}
     for name in names:             # every engine run first: a call cut short keeps them all
-        fmt, prompts, m, root = inputs(name)
+        fmt, prompts, m, lengths, root = inputs(name)
         ids = m["ids"][:12] if a.smoke else m["ids"]
-        lengths = {str(k): v for k, v in m["lengths"].items()}
         eng = engine_runs[name] = run_job(backend, fmt, prompts, ids, lengths, work / name, False, a.smoke, root)
         print(name, "engine", json.dumps({k: v for k, v in eng.items() if k != "engine"}), flush=True)
-        result[name] = dict(setting_result(name, m, eng, None, result.get("ceiling")),
-                            sample="whole setting" if name in whole else "seeded sample of whole tables")
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))      # kept if a later step dies
+        record(name, m, eng, None)
     for name in names:
-        fmt, prompts, m, root = inputs(name)
+        fmt, prompts, m, lengths, root = inputs(name)
         if name in a.seed_style.split(","):
-            lengths = {str(k): v for k, v in m["lengths"].items()}
             sids = m["seed_style_ids"][:3] if a.smoke else m["seed_style_ids"]
             seed = run_job(backend, fmt, prompts, sids, lengths, work / f"{name}_seed", True, a.smoke, root)
             print(name, "seed-style", json.dumps({k: v for k, v in seed.items() if k != "engine"}), flush=True)
-            result[name] = dict(setting_result(name, m, engine_runs[name], seed, result.get("ceiling")),
-                                sample=result[name]["sample"])
-            (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # kept if a later setting dies
+            record(name, m, engine_runs[name], seed)
         r = result[name]
         print(f"== {name} ({r['sample']}): {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run "
               f"{r['full_run_min']} min; ratio {r.get('ratio_vs_seed_style')}; breakdown {r['breakdown']}; "
