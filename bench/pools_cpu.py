@@ -69,6 +69,9 @@ class CountingRunner:
     def prefix(self, first, image):
         return None, len(first.prefix_ids), 0, self._logits(1)[0]
 
+    def prefixes(self, firsts):
+        return [self.prefix(f, None) for f in firsts]
+
     def load(self, pool, rid, cache, n: int, position: int) -> None:
         pool.written(rid, n, position)
 

@@ -45,17 +45,18 @@ class Flow:
             out.append(pol.first())
         return out
 
-    def source(self, groups: Iterable[list[Prepared]], chunk: int | None = None) -> Iterator[list[GenRequest]]:
-        """Each pull: what the policies sent back, then new work. ``chunk`` is the engine's unit: None, one
-        whole prefix group (an engine that keeps slots decoding across pulls); a number, at most that many
-        requests in all (a batch), so the samples in progress stay within it."""
+    def source(self, groups: Iterable[list[Prepared]], chunk: int | None = None, whole: int = 1
+               ) -> Iterator[list[GenRequest]]:
+        """Each pull: what the policies sent back, then new work. ``chunk`` is the engine's unit: None,
+        ``whole`` whole prefix groups (an engine that keeps slots decoding across pulls); a number, at most
+        that many requests in all (a batch), so the samples in progress stay within it."""
         it = iter(groups)
         exhausted = False
         fresh: deque[GenRequest] = deque()         # admitted, not yet handed to the engine
         while True:
             out = list(self.queue)
             self.queue.clear()
-            room = (1 if not out else 0) if chunk is None else chunk - len(out)
+            room = (whole if not out else 0) if chunk is None else chunk - len(out)
             while room > 0:
                 if not fresh and not exhausted:
                     t0 = time.perf_counter()
@@ -71,7 +72,8 @@ class Flow:
                 if chunk is None:
                     out += fresh
                     fresh.clear()
-                    break
+                    room -= 1
+                    continue
                 out.append(fresh.popleft())
                 room -= 1
             if not out and not self.in_flight and exhausted and not fresh:
@@ -96,7 +98,8 @@ def generate(engine: Any, settings: GenSettings, groups: Iterable[list[Prepared]
     """Run every prepared sample to its final record; the sink gets each one as soon as it is final.
     Returns the flow, for its ``wait_s``."""
     flow = Flow(refit, sink)
-    for req, res, steps in engine.run_stream(flow.source(groups, engine.chunk), settings):
+    whole = getattr(engine, "groups_per_pull", 1)     # an engine taking whole groups says how many a pull
+    for req, res, steps in engine.run_stream(flow.source(groups, engine.chunk, whole), settings):
         flow.outcome(req, res, steps)
     if flow.live:       # an engine that dropped requests would otherwise lose them silently
         raise RuntimeError(f"the engine ended with {len(flow.live)} sample(s) unanswered: ids {sorted(flow.live)[:20]}")

@@ -1,4 +1,6 @@
 """The shared-prefix engine gives exactly the tokens of a plain batch-1 generate (tiny model, float32, CPU)."""
+import logging
+
 import pytest
 
 from hitbench_utils import data as D
@@ -35,6 +37,8 @@ def test_prefix_engine_matches_plain_generate_token_for_token(tiny_backend, samp
     assert set(got) == set(plain)
     for k in plain:
         assert got[k].text == plain[k].text and got[k].output_tokens == plain[k].output_tokens, k
+    st = engine.stats          # text prefixes packed several to a prefill pass; an image prefix alone
+    assert (st["prefix_passes"] < st["groups"]) == (modality == "text"), st
 
 
 def test_questions_of_different_tables_share_decode_steps_and_stay_exact(tiny_backend, sample_data):
@@ -137,24 +141,26 @@ def torch_close(a, b) -> bool:
     return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
 
 
-@pytest.mark.parametrize("where", ["prefix", "prefix with a pool", "suffix", "step", "step mid-group"])
+@pytest.mark.parametrize("where", ["prefix", "prefix with a pool", "packed prefix", "suffix", "step", "step mid-group"])
 def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny_backend, sample_data, monkeypatch, where):
     reqs = requests(sample_data, "text", "csv", 6)
     settings = GenSettings(max_new_tokens=4)
     plain = {r.key: tiny_backend.generate([r], settings)[0].text for r in reqs}
     # one slot: a question waits for the previous one's decode steps, so a step fails inside a group
-    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=1 if where == "step mid-group" else 32)
+    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=1 if where == "step mid-group" else 32,
+                          pack_tokens=None if where == "packed prefix" else 0)     # 0: one prefix a pass
     calls, failed = [], []
 
     def boom(*a, **k):
         calls.append(1)
         if len(calls) == (2 if where == "prefix with a pool" else 1):
-            failed.append(len(a[2]) if where == "suffix" else 1)
+            failed.append(len(a[2]) if where == "suffix" else len(a[1]) if where == "packed prefix" else 1)
             raise SampleOOM(f"injected OOM in the {where}")
         return real(*a, **k)
 
     from hitbench_utils.engine.runner import ModelRunner
     target = {"prefix": (PrefixEngine, "_prefix"), "prefix with a pool": (PrefixEngine, "_prefix"),
+              "packed prefix": (PrefixEngine, "_prefix"),
               "suffix": (ModelRunner, "prefill_group"), "step": (ModelRunner, "step"),
               "step mid-group": (ModelRunner, "step")}[where]
     real = getattr(target[0], target[1])
@@ -165,6 +171,10 @@ def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny
     fell = [r.key for r, _, steps in out if steps and steps[0].kind == "prefix_fallback"]
     if where == "prefix with a pool":   # the pool is drained and dropped, the prefix retried: no fallback
         assert not fell and len(engine.stats["pools"]) == 2 and len(calls) == 1 + len(engine.stats["prefix_times"])
+        return
+    if where == "packed prefix":    # the pack's groups each computed their own prefix: nothing fell back
+        st = engine.stats
+        assert failed[0] > 1 and not fell and st["prefix_passes"] == st["groups"] == failed[0], (failed, st)
         return
     if where == "suffix":
         assert failed == [1] and len(fell) == 1 or failed[0] > 1 and not fell   # a failed pass of several is
@@ -309,3 +319,58 @@ def test_job_request_hook_sees_every_request_first_ask_and_reask(tmp_path, tiny_
     recs = view(read_log(tmp_path / "run").records)
     assert sorted(seen) == sorted(list(recs) * 2)                  # first ask and one re-ask per id
     assert all(r["output_tokens"] == 3 and r["reasks"] == 1 for r in recs.values())
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_packed_and_chunked_prefixes_give_the_models_own_cache_and_logits(tiny_backend, sample_data, monkeypatch, chunk):
+    """``prefixes``: several groups' first prompts in one pass (or one prompt in chunks of ``chunk``
+    tokens, each attending to the ones before) give each prompt the keys, values and last logits of the
+    model's own forward over it alone (float32)."""
+    import torch
+    from transformers import DynamicCache
+
+    from hitbench_utils.engine import runner as R
+
+    engine = PrefixEngine(tiny_backend, batch_size=4)
+    groups = list(engine._group(requests(sample_data, "text", "html", 8))[0].values())
+    firsts = [g.members[0] for g in groups][:3]
+    if chunk:
+        monkeypatch.setattr(R, "PREFILL_CHUNK", chunk)
+        firsts = firsts[:1]
+        assert len(firsts[0].prefix_ids) + len(firsts[0].suffix_ids) > 3 * chunk     # several chunks
+    runner = R.ModelRunner(tiny_backend, graphs=False)
+    got = runner.prefixes(firsts)
+    assert len(got) == len(firsts) > (0 if chunk else 1)
+    for f, (cache, P, delta, logits) in zip(firsts, got):
+        ids = torch.tensor([f.prefix_ids + f.suffix_ids])
+        ref = DynamicCache()
+        with torch.no_grad():
+            out = tiny_backend.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     **{R.cache_kw(tiny_backend.model): ref}, use_cache=True)
+        assert (P, delta) == (len(f.prefix_ids), 0)
+        assert torch.allclose(logits, out.logits[0, -1], atol=1e-4, rtol=1e-4)
+        for mine, theirs in zip(cache.layers, ref.layers):
+            assert torch.allclose(mine.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(mine.values, theirs.values, atol=1e-4, rtol=1e-4)
+    if not chunk:
+        with pytest.raises(ValueError, match="prefilled alone"):
+            monkeypatch.setattr(R, "PREFILL_CHUNK", 10)
+            runner.prefixes(firsts)
+
+
+def test_a_prefix_prefilled_in_chunks_gives_the_plain_generates_tokens(tiny_backend, sample_data, monkeypatch, caplog):
+    """Prefixes over ``PREFILL_CHUNK`` tokens (here 64) are prefilled chunk by chunk, through the whole
+    engine: every answer is still the plain generate's, token for token."""
+    from hitbench_utils.engine import runner as R
+
+    monkeypatch.setattr(R, "PREFILL_CHUNK", 64)
+    reqs = requests(sample_data, "text", "markdown", 8)
+    settings = GenSettings(max_new_tokens=16)
+    plain = {r.key: tiny_backend.generate([r], settings)[0] for r in reqs}
+    engine = PrefixEngine(tiny_backend, batch_size=4, pack_tokens=64)
+    with caplog.at_level(logging.INFO, logger="hitbench"):
+        got = {r.key: res for r, res, steps in engine.run(reqs, settings) if not steps}
+    assert "packed prefill" not in caplog.text
+    assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
+    assert engine.stats["prefix_passes"] == engine.stats["groups"]        # too long to pack: each alone
+    assert min(P for lengths, _ in engine.stats["prefix_times"] for P in lengths) > 64

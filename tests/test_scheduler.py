@@ -98,7 +98,8 @@ class FakeRunner:
         self.pools: list[KVPool] = []
         self.live: list[KVPool] = []           # pools made and not yet dropped
         self.most_live_positions = 0           # KV positions the live pools held at once, at most
-        self.passes: list[int] = []
+        self.passes: list[int] = []            # questions per suffix pass
+        self.packs: list[int] = []             # prefixes per prefill pass
 
     def new_pool(self, slots: int, length: int) -> KVPool:
         self.pools.append(KVPool(self.shape, slots, length, "cpu"))
@@ -125,6 +126,10 @@ class FakeRunner:
     def prefix(self, first, image):
         ids = first.prefix_ids + first.suffix_ids
         return ids, len(first.prefix_ids), 0, onehot([next_token(ids)])[0]
+
+    def prefixes(self, firsts):
+        self.packs.append(len(firsts))
+        return [self.prefix(f, None) for f in firsts]
 
     def load(self, pool: KVPool, rid, cache: list[int], n: int, position: int) -> None:
         self._write(pool, pool.slot(rid), 0, cache[:n])
@@ -200,6 +205,8 @@ def test_every_answer_is_the_plain_loops_through_pool_switches_packing_and_compa
     assert all(x <= 6 for x in runner.rows_per_step) and max(runner.rows_per_step) == 6   # full, never over
     assert st["moves"] > 0 and st["drain_steps"] > 0
     assert max(runner.passes) > 1 and sum(runner.passes) == st["suffix_rows"]          # suffixes packed
+    # prefixes packed into shared passes within a pull (one pull here, or a table a pull: none to pack)
+    assert sum(runner.packs) == st["groups"] and (max(runner.packs) > 1) == (order == "longest first")
     # rows in flight never exceed the pool's slots, and each pool is left empty
     assert all(len(p) == 0 for p in runner.pools)
 

@@ -46,6 +46,25 @@ class KVShape:
         return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
 
+@dataclass
+class LayerKV:
+    keys: Any          # [1, kv heads, positions, head dim]
+    values: Any
+
+
+class PrefixKV:
+    """A text prefix's keys and values, laid out as a ``DynamicCache``'s layers, so ``load`` and
+    ``prefill_group`` read it as they read the model's own cache of an image prefix."""
+
+    def __init__(self, shape: KVShape, n: int, device: str) -> None:
+        import torch
+
+        def empty() -> Any:
+            return torch.empty((1, shape.kv_heads, n, shape.head_dim), dtype=shape.dtype, device=device)
+
+        self.layers = [LayerKV(empty(), empty()) for _ in range(shape.layers)]
+
+
 class KVPool:
     """``slots`` requests of up to ``length`` KV positions each.
 

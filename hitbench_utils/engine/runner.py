@@ -1,15 +1,18 @@
 """The model runner: the text decoder's passes over a ``KVPool``, and the decode step's CUDA graphs.
 
-- ``prefix``: the model's own forward over a group's first whole prompt (images enter only here);
-- ``load``: that prefix's cache copied into a request's slot;
-- ``prefill_group``: all of a group's further questions in one packed pass over its prefix: the
-  projections and MLP run once over the packed suffixes, each suffix attends to the prefix and its own
-  earlier tokens (one flash-attention call each), and its keys and values land in its own slot;
+- ``prefix``: the model's own forward over an image group's first whole prompt (images enter only here);
+- ``prefixes``: text prefixes of several groups (each with its first question) packed into one pass,
+  or one long prefix in chunks of ``PREFILL_CHUNK`` tokens;
+- ``load``: a prefix's cache copied into a request's slot;
+- ``prefill_group``: all of a group's further questions in one packed pass over its prefix, and its
+  keys and values in its own slot;
 - ``prefill``: tokens after those already in one slot (eager);
 - ``step``: one decode token for every busy slot of a pool, replayed as one CUDA graph per (pool, step
   size); each live pool keeps its graphs, in a memory pool of their own, until it is dropped.
 
-The passes use the model's own modules (projections, norms, rotary embedding, MLP, head), so the
+Both packed passes (``_packed``) run the projections and MLP once over all their tokens; each sequence
+attends to its own earlier keys and its new tokens (one flash-attention call each). The passes use the
+model's own modules (projections, norms, rotary embedding, MLP, head), so the
 weights and the arithmetic are the model's; only the attention is ours (``attention``).
 """
 from __future__ import annotations
@@ -19,9 +22,10 @@ from itertools import accumulate
 from typing import Any, Hashable
 
 from .attention import attend, attend_after, fuse_projections, norm, rope, text_model
-from .kv_pool import KVPool, KVShape
+from .kv_pool import KVPool, KVShape, LayerKV, PrefixKV
 
 CHUNK = 1024          # keys read by a slot prefill: whole chunks, masked past the slot's length
+PREFILL_CHUNK = 65536  # a longer text prefix is prefilled in chunks (activations bounded: 64K x 24K MLP)
 
 
 class ModelRunner:
@@ -90,6 +94,21 @@ class ModelRunner:
             delta = int(rd.reshape(-1)[0].item())
         return cache, P, delta, logits
 
+    def prefixes(self, firsts: list[Any]) -> list[tuple[PrefixKV, int, int, Any]]:
+        """What ``prefix`` gives, for several text groups at once: each first question's whole prompt
+        (prefix and suffix) packed into one pass, each attending causally to itself. A prompt longer than
+        ``PREFILL_CHUNK`` runs alone, chunk after chunk (each chunk attends to the ones before)."""
+        seqs = [f.prefix_ids + f.suffix_ids for f in firsts]
+        if len(seqs) > 1 and max(map(len, seqs)) > PREFILL_CHUNK:
+            raise ValueError(f"a prefix of over {PREFILL_CHUNK} tokens is prefilled alone, not packed")
+        caches = [PrefixKV(self.shape, len(s), self.device) for s in seqs]
+        if len(seqs) == 1:
+            for c0 in range(0, len(seqs[0]), PREFILL_CHUNK):
+                logits = self._packed([(caches[0].layers, c0, seqs[0][c0:c0 + PREFILL_CHUNK], c0)])
+        else:
+            logits = self._packed([(c.layers, 0, ids, 0) for c, ids in zip(caches, seqs)])
+        return [(c, len(f.prefix_ids), 0, logits[i]) for i, (c, f) in enumerate(zip(caches, firsts))]
+
     def load(self, pool: KVPool, rid: Hashable, cache: Any, n: int, position: int) -> None:
         """Copy the first ``n`` positions of a batch-1 cache (the model's own prefill) into ``rid``'s slot."""
         import torch
@@ -108,34 +127,47 @@ class ModelRunner:
         ``position`` is the rotary position of the first suffix token (P, plus the image's rope delta)."""
         import torch
 
-        lens = [len(s) for s in suffixes]
-        if P + max(lens) > pool.length:
-            raise ValueError(f"slot length {pool.length} < {P + max(lens)} tokens")
-        slots = [pool.slot(r) for r in rids]
-        dev, S = self.device, sum(lens)
-        ends = list(accumulate(lens))
-        bounds = [(b - n, b) for b, n in zip(ends, lens)]
-        offset = torch.cat([torch.arange(n, device=dev) for n in lens])         # each token's place in its suffix
+        if P + max(map(len, suffixes)) > pool.length:
+            raise ValueError(f"slot length {pool.length} < {P + max(map(len, suffixes))} tokens")
         with torch.no_grad():
-            h = self.tm.embed_tokens(torch.tensor([sum(suffixes, [])], device=dev))
-            cos, sin = self._rotary(h, (position + offset).view(1, 1, S))
+            kvs = []
+            for rid in rids:
+                slot = pool.slot(rid)
+                kv = [LayerKV(K[slot:slot + 1], V[slot:slot + 1]) for K, V in zip(pool.K, pool.V)]
+                for layer, c in zip(kv, cache.layers):
+                    layer.keys[:, :, :P], layer.values[:, :, :P] = c.keys[:, :, :P], c.values[:, :, :P]
+                kvs.append(kv)
+            logits = self._packed([(kv, P, ids, position) for kv, ids in zip(kvs, suffixes)])
+        for rid, ids in zip(rids, suffixes):
+            pool.written(rid, P + len(ids), position + len(ids))
+        return logits
+
+    def _packed(self, pieces: list[tuple[list[LayerKV], int, list[int], int]]) -> Any:
+        """New tokens of several sequences in one pass. A piece is (its sequence's keys and values per
+        layer, with ``start`` positions already written; its new token ids; the rotary position of the
+        first). Each piece's keys and values are written after its ``start``, and it attends to all of
+        them causally. Returns each piece's last-token logits [pieces, vocab]."""
+        import torch
+
+        lens = [len(ids) for _, _, ids, _ in pieces]
+        ends = list(accumulate(lens))
+        bounds, S, dev = [(b - n, b) for b, n in zip(ends, lens)], ends[-1], self.device
+        pos = torch.cat([torch.arange(p, p + n, device=dev) for (_, _, _, p), n in zip(pieces, lens)])
+        with torch.no_grad():
+            h = self.tm.embed_tokens(torch.tensor([[t for _, _, ids, _ in pieces for t in ids]], device=dev))
+            cos, sin = self._rotary(h, pos.view(1, 1, S))
             for li, layer in enumerate(self.layers):
                 a = layer.self_attn
                 q, k, v = self._heads(layer, self._qkv(li, layer, norm(layer.input_layernorm, h)), 1, S, cos, sin)
-                Kp, Vp = cache.layers[li].keys[0, :, :P], cache.layers[li].values[0, :, :P]
-                K, V, outs = pool.K[li], pool.V[li], []
-                for (a0, a1), slot in zip(bounds, slots):
-                    K[slot, :, :P], V[slot, :, :P] = Kp, Vp
-                    K[slot, :, P:P + a1 - a0], V[slot, :, P:P + a1 - a0] = k[0, :, a0:a1], v[0, :, a0:a1]
-                    n = P + a1 - a0
-                    outs.append(attend_after(q[:, :, a0:a1], K[slot:slot + 1, :, :n], V[slot:slot + 1, :, :n], a.scaling))
+                outs = []
+                for (a0, a1), (kv, start, _, _) in zip(bounds, pieces):
+                    K, V, n = kv[li].keys, kv[li].values, start + a1 - a0
+                    K[:, :, start:n], V[:, :, start:n] = k[:, :, a0:a1], v[:, :, a0:a1]
+                    outs.append(attend_after(q[:, :, a0:a1], K[:, :, :n], V[:, :, :n], a.scaling))
                 o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, S, self.nh * self.hd)
                 h = h + a.o_proj(o)
                 h = h + self._mlp(li, layer, norm(layer.post_attention_layernorm, h))
-            logits = self.model.lm_head(norm(self.tm.norm, h[0, [b - 1 for _, b in bounds]]))
-        for rid, n in zip(rids, lens):
-            pool.written(rid, P + n, position + n)
-        return logits
+            return self.model.lm_head(norm(self.tm.norm, h[0, [b - 1 for _, b in bounds]]))
 
     def prefill(self, pool: KVPool, rid: Hashable, ids: list[int], start: int, position: int) -> Any:
         """Run ``ids`` after the ``start`` tokens already in ``rid``'s slot; the last token's logits."""

@@ -1,7 +1,8 @@
 """The scheduler: which question gets a slot when, and which pool a group decodes in.
 
-Groups (questions sharing a prefix, ``prefixes``) run longest first. A group's prefix is computed once
-by the model's own forward (its first question rides along), its further questions are prefilled in
+Groups (questions sharing a prefix, ``prefixes``) run longest first, several per pull. A group's prefix
+is computed once, its first question riding along: short text prefixes packed several to a pass
+(``runner.prefixes``), an image prefix by the model's own forward. Its further questions are prefilled in
 packed passes over it (``runner.prefill_group``), and decode steps run whenever a question finds no
 free slot. A group decodes in a live pool of its slot length, or in a new one (``pools``); every busy
 pool steps at each decode step. A failure falls back to the plain batched engine for the questions it
@@ -37,10 +38,13 @@ class PrefixEngine(Engine):
     It talks to the KV memory only through the pools' request handle (``add``, ``start``, ``advance``,
     ``release``), and to the model only through ``runner`` (a ``ModelRunner``, or a stand-in in tests)."""
 
+    groups_per_pull = 8      # whole prefix groups per pull: short prefixes among them share a prefill pass
+
     def __init__(self, *args: Any, max_slots: int = 32, graphs: bool | None = None, runner: Any = None,
-                 **kwargs: Any) -> None:
+                 pack_tokens: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_slots = max_slots
+        self.pack_tokens = PACK_TOKENS if pack_tokens is None else pack_tokens    # 0: each prefix alone
         self.graphs = str(self.backend.device).startswith("cuda") if graphs is None else graphs
         self._runner = runner
         self.pools = PoolSet()
@@ -49,7 +53,7 @@ class PrefixEngine(Engine):
         self._next_rid = 0
         self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
         self.stats = {"groups": 0, "prefix_tokens": 0, "prefill_s": 0.0, "suffix_rows": 0, "suffix_tokens": 0, "suffix_s": 0.0,
-                      "decode_steps": 0, "decode_ticks": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [],
+                      "prefix_passes": 0, "decode_steps": 0, "decode_ticks": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [],
                       "capture_s": 0.0, "moves": 0,
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
                       "prefix_times": [], "suffix_times": []}
@@ -62,7 +66,8 @@ class PrefixEngine(Engine):
 
     @property
     def chunk(self) -> None:
-        """One whole prefix group per pull: the slots keep decoding across pulls, and re-asks get in at once."""
+        """Whole prefix groups per pull (``groups_per_pull``): the slots keep decoding across pulls, and
+        re-asks get in at the next pull."""
         return None
 
     def run(self, requests: list[GenRequest], settings: GenSettings) -> Outcomes:
@@ -83,8 +88,7 @@ class PrefixEngine(Engine):
                 if plain:
                     yield from self._drop_all(settings)
                     yield from Engine.run(self, plain, settings)
-                for g in sorted(groups.values(), key=lambda g: -g.need(settings)):
-                    yield from self._run_group(g, settings)
+                yield from self._run_groups(sorted(groups.values(), key=lambda g: -g.need(settings)), settings)
             yield from self._drain(settings)
         finally:
             self.pools, self.rows, self._admitting = PoolSet(), {}, None
@@ -118,20 +122,45 @@ class PrefixEngine(Engine):
         for r, res, steps in super().run([m.req for m in members], settings):
             yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
-    def _run_group(self, g: "_Group", settings: GenSettings) -> Outcomes:
-        admitted = []
-        for m in g.members:              # the backend may refuse a question (fault injection): it alone falls back
-            try:
-                self.backend.admit([m.req])
-                admitted.append(m)
-            except Exception as e:  # noqa: BLE001
-                yield from self._fallback([m], e, settings)
-        g.members = admitted
-        if not admitted:
-            return
-        t_group = time.perf_counter()
+    def _run_groups(self, groups: list["_Group"], settings: GenSettings) -> Outcomes:
+        """A pull's groups: each question admitted by the backend (one it refuses falls back alone), then
+        the prefixes, packed where short (``packs``), then each group's questions into the pools."""
+        for g in groups:
+            admitted = []
+            for m in g.members:
+                try:
+                    self.backend.admit([m.req])
+                    admitted.append(m)
+                except Exception as e:  # noqa: BLE001
+                    yield from self._fallback([m], e, settings)
+            g.members = admitted
+        for pack in packs([g for g in groups if g.members], self.pack_tokens):
+            t0 = time.perf_counter()
+            done = self._packed_prefixes(pack)
+            for g in pack:          # each cache goes once its group is in (popped, not kept by the list)
+                yield from self._run_group(g, settings, done.pop(0), t0)
+
+    def _packed_prefixes(self, pack: list["_Group"]) -> list[Any]:
+        """The pack's prefixes in one pass; a pack that fails gets Nones: each group then computes its
+        own, with a single prefix's failure handling (a pool drop on OOM, else the plain engine)."""
+        if len(pack) < 2:
+            return [None] * len(pack)
         try:
-            cache, P, delta, first_logits = self._prefix(g)
+            return self._prefix(pack)
+        except Exception as e:  # noqa: BLE001
+            release_frames(e)
+            free_memory()
+            log.info("packed prefill of %d prefixes failed (%s: %s): each runs alone", len(pack),
+                     type(e).__name__, str(e)[:200])
+            return [None] * len(pack)
+
+    def _run_group(self, g: "_Group", settings: GenSettings, pre: Any = None, t_group: float | None = None
+                   ) -> Outcomes:
+        """One group: its prefix (``pre``, computed with others, or now), then each question in a pool."""
+        t_group = time.perf_counter() if t_group is None else t_group
+        try:
+            cache, P, delta, first_logits = pre or self._prefix([g])[0]
+            pre = None
         except Exception as e:  # noqa: BLE001
             if status_of(e) != "oom" or not self.pools:
                 yield from self._fallback(g.members, e, settings)
@@ -139,7 +168,7 @@ class PrefixEngine(Engine):
             release_frames(e)
             yield from self._drop_all(settings)     # the pools' memory is what the prefix lacked
             try:
-                cache, P, delta, first_logits = self._prefix(g)
+                cache, P, delta, first_logits = self._prefix([g])[0]
             except Exception as e2:  # noqa: BLE001
                 yield from self._fallback(g.members, e2, settings)
                 return
@@ -284,15 +313,20 @@ class PrefixEngine(Engine):
         return (free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
                 - GRAPH_BYTES * len(self.pools.pools))
 
-    def _prefix(self, g: "_Group") -> tuple[Any, int, int, Any]:
+    def _prefix(self, groups: list["_Group"]) -> list[tuple[Any, int, int, Any]]:
+        """Each group's prefix cache, its length, rope delta and first question's logits, in one pass:
+        an image group alone by the model's own forward, text groups by the runner's packed pass."""
         t0 = time.perf_counter()
-        cache, P, delta, logits = self.runner.prefix(g.members[0], g.image)
+        if groups[0].image is not None:
+            out = [self.runner.prefix(groups[0].members[0], groups[0].image)]
+        else:
+            out = self.runner.prefixes([g.members[0] for g in groups])
         sync(self.backend.device)
-        dt = time.perf_counter() - t0
-        for k, v in (("groups", 1), ("prefix_tokens", P), ("prefill_s", dt)):
+        dt, lengths = time.perf_counter() - t0, [P for _, P, _, _ in out]
+        for k, v in (("groups", len(groups)), ("prefix_passes", 1), ("prefix_tokens", sum(lengths)), ("prefill_s", dt)):
             self.stats[k] += v
-        self.stats["prefix_times"].append((P, round(dt, 4)))
-        return cache, P, delta, logits
+        self.stats["prefix_times"].append((lengths, round(dt, 4)))
+        return out
 
     # ---- splitting prompts into prefix + suffix ------------------------------------------------------
     def _group(self, requests: list[GenRequest]) -> tuple[dict[str, _Group], list[GenRequest]]:
@@ -362,7 +396,24 @@ class PrefixEngine(Engine):
         return row.split.req, res, []
 
 
+def packs(groups: list["_Group"], pack_tokens: int) -> list[list["_Group"]]:
+    """Neighbouring text groups whose first prompts together fit ``pack_tokens`` share one prefill pass;
+    an image group, or a longer prompt, runs alone."""
+    out: list[list[_Group]] = []
+    total = 0
+    for g in groups:
+        n = len(g.members[0].prefix_ids) + len(g.members[0].suffix_ids)
+        if g.image is None and out and out[-1][0].image is None and total + n <= pack_tokens:
+            out[-1].append(g)
+            total += n
+        else:
+            out.append([g])
+            total = n
+    return out
+
+
 SUFFIX_TOKENS = 4096       # suffix tokens packed into one pass (its MLP activations: 4096 x 24576 on the 8B)
+PACK_TOKENS = 16384        # prompt tokens of short prefixes packed into one prefill pass
 PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
 RESERVE_BYTES = 2 * 2**30
 GRAPH_BYTES = 2**29         # a live pool's graph memory, an estimate from its step's largest tensors (float32
