@@ -298,3 +298,20 @@ def test_short_memory_frees_or_drains_a_pool_before_making_the_next():
     assert runner.most_live_positions <= 2048 * 8
     assert st["drain_steps"] > 0 and all(len(p) == 0 for p in runner.pools)
 
+
+
+def test_pool_sizing_on_a_gpu_gives_whole_slot_counts(monkeypatch):
+    """On CUDA the room comes from free memory less float-sized estimates; a float slot count made every
+    new pool fail (``torch.zeros`` takes ints) and sent a whole H200 run to the plain loop."""
+    import torch
+
+    from hitbench_utils.engine.pools import new_pool_slots
+
+    backend = FakeBackend()
+    engine = PrefixEngine(backend, batch_size=4, runner=FakeRunner())
+    backend.device = "cuda:0"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * 2**30, 140 * 2**30))
+    room = engine._room(12345, 147456)
+    assert type(room) is int and 90 * 2**30 < room < 100 * 2**30
+    beside, alone = new_pool_slots(float(room), 0, 4096, 147456, 32)
+    assert type(beside) is int and type(alone) is int and alone == 32

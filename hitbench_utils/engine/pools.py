@@ -81,7 +81,7 @@ def new_pool_slots(room_alone: int, held: int, length: int, per_token: int, max_
     """(slots a new pool gets beside the live pools, slots it would get were they all freed): ``room_alone``
     is the memory free for it with every live pool freed, ``held`` what the live pools hold."""
     per_slot = length * per_token
-    return (min(max_slots, max(0, room_alone - held) // per_slot), min(max_slots, max(0, room_alone) // per_slot))
+    return (int(min(max_slots, max(0, room_alone - held) // per_slot)), int(min(max_slots, max(0, room_alone) // per_slot)))
 
 
 def keep_beside(beside: int, alone: int) -> bool:

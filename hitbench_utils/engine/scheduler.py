@@ -310,8 +310,8 @@ class PrefixEngine(Engine):
         free, _ = torch.cuda.mem_get_info(torch.device(dev))
         # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
         # their activations need about as much again; each live pool's graphs keep their own memory
-        return (free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
-                - GRAPH_BYTES * len(self.pools.pools))
+        return int(free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
+                   - GRAPH_BYTES * len(self.pools.pools))     # whole bytes: slot counts come from it
 
     def _prefix(self, groups: list["_Group"]) -> list[tuple[Any, int, int, Any]]:
         """Each group's prefix cache, its length, rope delta and first question's logits, in one pass:
