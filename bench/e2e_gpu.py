@@ -178,8 +178,9 @@ def prefill_ideal_s(prefix_times: list, ceiling: dict | None) -> float | None:
     if not ceiling or "linear_flop_per_token" not in ceiling:
         return None
     mm, fa = ceiling["matmul_8192_tflops"] * 1e12, ceiling["flash_causal_tflops"] * 1e12
+    lengths = [P for ps, _ in prefix_times for P in (ps if isinstance(ps, list) else [ps])]   # a pass: one or a pack
     return round(sum(P * ceiling["linear_flop_per_token"] / mm + ceiling["attention_flop_per_token_sq"] * P * P / fa
-                     for P, _ in prefix_times), 2)
+                     for P in lengths), 2)
 
 
 def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None, ceiling: dict | None = None) -> dict:

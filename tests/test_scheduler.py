@@ -123,13 +123,18 @@ class FakeRunner:
 
         pool.K[0][slot, 0, start:start + len(ids), 0] = torch.tensor(ids, dtype=torch.float64)
 
-    def prefix(self, first, image):
+    @staticmethod
+    def _prefix(first):
         ids = first.prefix_ids + first.suffix_ids
         return ids, len(first.prefix_ids), 0, onehot([next_token(ids)])[0]
 
+    def prefix(self, first, image):
+        self.packs.append(1)
+        return self._prefix(first)
+
     def prefixes(self, firsts):
         self.packs.append(len(firsts))
-        return [self.prefix(f, None) for f in firsts]
+        return [self._prefix(f) for f in firsts]
 
     def load(self, pool: KVPool, rid, cache: list[int], n: int, position: int) -> None:
         self._write(pool, pool.slot(rid), 0, cache[:n])
@@ -206,7 +211,8 @@ def test_every_answer_is_the_plain_loops_through_pool_switches_packing_and_compa
     assert st["moves"] > 0 and st["drain_steps"] > 0
     assert max(runner.passes) > 1 and sum(runner.passes) == st["suffix_rows"]          # suffixes packed
     # prefixes packed into shared passes within a pull (one pull here, or a table a pull: none to pack)
-    assert sum(runner.packs) == st["groups"] and (max(runner.packs) > 1) == (order == "longest first")
+    assert sum(runner.packs) == st["groups"] and len(runner.packs) == st["prefix_passes"]
+    assert (max(runner.packs) > 1) == (order == "longest first")
     # rows in flight never exceed the pool's slots, and each pool is left empty
     assert all(len(p) == 0 for p in runner.pools)
 

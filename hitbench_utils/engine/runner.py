@@ -1,8 +1,7 @@
 """The model runner: the text decoder's passes over a ``KVPool``, and the decode step's CUDA graphs.
 
-- ``prefix``: the model's own forward over an image group's first whole prompt (images enter only here);
-- ``prefixes``: text prefixes of several groups (each with its first question) packed into one pass,
-  or one long prefix in chunks of ``PREFILL_CHUNK`` tokens;
+- ``prefix``: the model's own forward over a group's first whole prompt (images enter only here);
+- ``prefixes``: short text prefixes of several groups (each with its first question) in one packed pass;
 - ``load``: a prefix's cache copied into a request's slot;
 - ``prefill_group``: all of a group's further questions in one packed pass over its prefix, and its
   keys and values in its own slot;
@@ -25,7 +24,6 @@ from .attention import attend, attend_after, fuse_projections, norm, rope, text_
 from .kv_pool import KVPool, KVShape, LayerKV, PrefixKV
 
 CHUNK = 1024          # keys read by a slot prefill: whole chunks, masked past the slot's length
-PREFILL_CHUNK = 65536  # a longer text prefix is prefilled in chunks (activations bounded: 64K x 24K MLP)
 
 
 class ModelRunner:
@@ -96,17 +94,11 @@ class ModelRunner:
 
     def prefixes(self, firsts: list[Any]) -> list[tuple[PrefixKV, int, int, Any]]:
         """What ``prefix`` gives, for several text groups at once: each first question's whole prompt
-        (prefix and suffix) packed into one pass, each attending causally to itself. A prompt longer than
-        ``PREFILL_CHUNK`` runs alone, chunk after chunk (each chunk attends to the ones before)."""
+        (prefix and suffix) packed into one pass, each attending causally to itself (the scheduler packs
+        short prompts only: the pass's activations grow with its total length)."""
         seqs = [f.prefix_ids + f.suffix_ids for f in firsts]
-        if len(seqs) > 1 and max(map(len, seqs)) > PREFILL_CHUNK:
-            raise ValueError(f"a prefix of over {PREFILL_CHUNK} tokens is prefilled alone, not packed")
         caches = [PrefixKV(self.shape, len(s), self.device) for s in seqs]
-        if len(seqs) == 1:
-            for c0 in range(0, len(seqs[0]), PREFILL_CHUNK):
-                logits = self._packed([(caches[0].layers, c0, seqs[0][c0:c0 + PREFILL_CHUNK], c0)])
-        else:
-            logits = self._packed([(c.layers, 0, ids, 0) for c, ids in zip(caches, seqs)])
+        logits = self._packed([(c.layers, 0, ids, 0) for c, ids in zip(caches, seqs)])
         return [(c, len(f.prefix_ids), 0, logits[i]) for i, (c, f) in enumerate(zip(caches, firsts))]
 
     def load(self, pool: KVPool, rid: Hashable, cache: Any, n: int, position: int) -> None:

@@ -2,7 +2,7 @@
 
 Groups (questions sharing a prefix, ``prefixes``) run longest first, several per pull. A group's prefix
 is computed once, its first question riding along: short text prefixes packed several to a pass
-(``runner.prefixes``), an image prefix by the model's own forward. Its further questions are prefilled in
+(``runner.prefixes``), any other alone by the model's own forward. Its further questions are prefilled in
 packed passes over it (``runner.prefill_group``), and decode steps run whenever a question finds no
 free slot. A group decodes in a live pool of its slot length, or in a new one (``pools``); every busy
 pool steps at each decode step. A failure falls back to the plain batched engine for the questions it
@@ -106,6 +106,16 @@ class PrefixEngine(Engine):
             self._retire(pool)
         empty_cache()
 
+    def _memory_note(self) -> str:
+        """What the device holds, for a failure's log line (an OOM's cause is otherwise a guess)."""
+        dev = str(self.backend.device)
+        if not dev.startswith("cuda"):
+            return ""
+        import torch
+
+        return (f" [allocated {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB; {len(self.pools.pools)} live "
+                f"pool(s) hold {self.pools.held_bytes() / 2**30:.1f} GiB; {len(self.rows)} rows decoding]")
+
     def _retire(self, pool: KVPool) -> None:
         self.pools.remove(pool)
         self.runner.drop_graphs(pool)
@@ -117,8 +127,8 @@ class PrefixEngine(Engine):
         if status_of(e) == "oom" and self.pools:   # give the plain engine the pools' memory
             yield from self._drop_all(settings)
         free_memory()
-        log.warning("shared-prefix work on %d question(s) failed (%s: %s): falling back to plain batches",
-                    len(members), type(e).__name__, str(e)[:300])
+        log.warning("shared-prefix work on %d question(s) failed (%s: %s): falling back to plain batches%s",
+                    len(members), type(e).__name__, str(e)[:300], self._memory_note())
         for r, res, steps in super().run([m.req for m in members], settings):
             yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
@@ -314,10 +324,10 @@ class PrefixEngine(Engine):
                    - GRAPH_BYTES * len(self.pools.pools))     # whole bytes: slot counts come from it
 
     def _prefix(self, groups: list["_Group"]) -> list[tuple[Any, int, int, Any]]:
-        """Each group's prefix cache, its length, rope delta and first question's logits, in one pass:
-        an image group alone by the model's own forward, text groups by the runner's packed pass."""
+        """Each group's prefix cache, its length, rope delta and first question's logits, in one pass: a
+        group alone by the model's own forward, a pack of short text prefixes by the runner's packed pass."""
         t0 = time.perf_counter()
-        if groups[0].image is not None:
+        if len(groups) == 1:
             out = [self.runner.prefix(groups[0].members[0], groups[0].image)]
         else:
             out = self.runner.prefixes([g.members[0] for g in groups])
