@@ -141,7 +141,8 @@ def torch_close(a, b) -> bool:
     return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
 
 
-@pytest.mark.parametrize("where", ["prefix", "prefix with a pool", "packed prefix", "suffix", "step", "step mid-group"])
+@pytest.mark.parametrize("where", ["prefix", "prefix once", "prefix with a pool", "packed prefix", "suffix", "step",
+                                   "step mid-group"])
 def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny_backend, sample_data, monkeypatch, where):
     reqs = requests(sample_data, "text", "csv", 6)
     settings = GenSettings(max_new_tokens=4)
@@ -153,13 +154,14 @@ def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny
 
     def boom(*a, **k):
         calls.append(1)
-        if len(calls) == (2 if where == "prefix with a pool" else 1):
+        if len(calls) in {"prefix with a pool": (2,), "prefix": (1, 2)}.get(where, (1,)):   # "prefix": its retry too
             failed.append(len(a[2]) if where == "suffix" else len(a[1]) if where == "packed prefix" else 1)
             raise SampleOOM(f"injected OOM in the {where}")
         return real(*a, **k)
 
     from hitbench_utils.engine.runner import ModelRunner
     target = {"prefix": (PrefixEngine, "_prefix"), "prefix with a pool": (PrefixEngine, "_prefix"),
+              "prefix once": (PrefixEngine, "_prefix"),
               "packed prefix": (PrefixEngine, "_prefix"),
               "suffix": (ModelRunner, "prefill_group"), "step": (ModelRunner, "step"),
               "step mid-group": (ModelRunner, "step")}[where]
@@ -169,8 +171,9 @@ def test_a_failure_falls_back_to_plain_batches_for_the_questions_it_touched(tiny
     assert sorted(r.key for r, _, _ in out) == sorted(plain)           # nothing lost, nothing twice
     assert all(not isinstance(res, BaseException) and res.text == plain[r.key] for r, res, _ in out)
     fell = [r.key for r, _, steps in out if steps and steps[0].kind == "prefix_fallback"]
-    if where == "prefix with a pool":   # the pool is drained and dropped, the prefix retried: no fallback
-        assert not fell and len(engine.stats["pools"]) == 2 and len(calls) == 1 + len(engine.stats["prefix_times"])
+    if where in ("prefix with a pool", "prefix once"):   # pools dropped (if any), memory freed, the prefix
+        assert not fell and len(calls) == 1 + len(engine.stats["prefix_times"])    # retried: no fallback
+        assert len(engine.stats["pools"]) == (2 if where == "prefix with a pool" else 1)
         return
     if where == "packed prefix":    # the pack's groups each computed their own prefix: nothing fell back
         st = engine.stats
@@ -360,3 +363,49 @@ def test_prefixes_too_long_to_pack_run_alone_through_the_models_forward(tiny_bac
     assert {k: (v.text, v.output_tokens) for k, v in got.items()} == {k: (v.text, v.output_tokens) for k, v in plain.items()}
     assert engine.stats["prefix_passes"] == engine.stats["groups"] > 1
     assert min(P for lengths, _ in engine.stats["prefix_times"] for P in lengths) > 64
+
+
+def test_a_dropped_pool_and_a_used_prefix_cache_are_freed_at_once(tiny_backend, sample_data, monkeypatch):
+    """Pool sizing reads free memory: a retired pool or a group's prefix cache that lived on until a
+    garbage collection (a reference cycle) would shrink every later pool, or make it run out of memory.
+    With collection off, each is gone as soon as the engine drops it, through an OOM retry too."""
+    import gc
+    import weakref
+
+    from hitbench_utils.engine import runner as R
+
+    made, caches, calls = [], [], []
+    new_pool, prefix = R.ModelRunner.new_pool, R.ModelRunner.prefix
+
+    def tracked_pool(self, *a):
+        made.append(weakref.ref(pool := new_pool(self, *a)))
+        return pool
+
+    def tracked_prefix(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise SampleOOM("injected OOM in a prefix, with a pool live")
+        out = prefix(self, *a)
+        caches.append(weakref.ref(out[0]))
+        return out
+
+    monkeypatch.setattr(R.ModelRunner, "new_pool", tracked_pool)
+    monkeypatch.setattr(R.ModelRunner, "prefix", tracked_prefix)
+    reqs = requests(sample_data, "text", "json", 24)
+    for i, r in enumerate(reqs):
+        r.max_new_tokens = 3 + (7 * i) % 11
+    settings = GenSettings(max_new_tokens=16)
+    engine = PrefixEngine(tiny_backend, batch_size=4, max_slots=3, pack_tokens=0)
+    groups = sorted(engine._group(reqs)[0].values(), key=lambda g: g.need(settings))
+    pulls = [[m.req for m in g.members] for g in groups]        # shortest first: each pull a longer pool
+    gc.disable()
+    try:
+        out = []
+        for r, res, steps in engine.run_stream(iter(pulls), settings):
+            out.append(steps)
+            live = {id(p) for p in engine.pools.pools}
+            assert all(w() is None or id(w()) in live for w in made), "a dropped pool is still alive"
+            assert sum(w() is not None for w in caches) <= 1, "a used prefix cache is still alive"
+    finally:
+        gc.enable()
+    assert len(out) == len(reqs) and not any(out) and len(made) >= 2 and len(calls) > 3

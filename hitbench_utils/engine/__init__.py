@@ -3,8 +3,10 @@
 - ``batching``: ``Engine``, plain batches under a token budget, with failures isolated per sample
   (OOM halving, then one by one);
 - ``prefixes``: cutting prompts into a shared prefix and a suffix, and the state of a decoding question;
-- ``scheduler``: ``PrefixEngine``, for local HF models: groups questions by shared prefix, computes each
-  prefix once, packs a group's further questions into one pass, and keeps a slot pool decoding;
+- ``scheduler``: ``PrefixEngine``, for local HF models: groups questions by shared prefix, keeps slot
+  pools decoding side by side (``pools``), drains and falls back;
+- ``admission``: its prefill side: each prefix once (short ones packed into one pass), a group's
+  further questions in packed passes, each question into a pool;
 - ``kv_pool``: ``KVPool``, per-request KV slots keyed by the scheduler's request handle (slots and
   compaction are its own business);
 - ``runner``: ``ModelRunner``, the model's passes over that memory (the prefix forward, the packed pass
