@@ -119,8 +119,9 @@ class ModelRunner:
         ``position`` is the rotary position of the first suffix token (P, plus the image's rope delta)."""
         import torch
 
-        if P + max(map(len, suffixes)) > pool.length:
-            raise ValueError(f"slot length {pool.length} < {P + max(map(len, suffixes))} tokens")
+        longest = P + max(map(len, suffixes))
+        if longest > pool.length:
+            raise ValueError(f"slot length {pool.length} < {longest} tokens")
         with torch.no_grad():
             kvs = []
             for rid in rids:
