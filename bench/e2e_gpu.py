@@ -178,7 +178,7 @@ def prefill_ideal_s(prefix_times: list, ceiling: dict | None) -> float | None:
     if not ceiling or "linear_flop_per_token" not in ceiling:
         return None
     mm, fa = ceiling["matmul_8192_tflops"] * 1e12, ceiling["flash_causal_tflops"] * 1e12
-    lengths = [P for ps, _ in prefix_times for P in (ps if isinstance(ps, list) else [ps])]   # a pass: one or a pack
+    lengths = [P for ps, _ in prefix_times for P in ps]        # each pass's prefix lengths (one, or a pack)
     return round(sum(P * ceiling["linear_flop_per_token"] / mm + ceiling["attention_flop_per_token_sq"] * P * P / fa
                      for P in lengths), 2)
 
