@@ -154,7 +154,9 @@ def run_job(backend, fmt: str, prompts: str, ids: list[int], lengths: dict, run_
            "prepare_s": round(sum(r.get("prepare_s") or 0 for r in recs), 2),
            "input_tokens": sum(r.get("input_tokens_sent") or 0 for r in recs),
            "truncated": sum(bool(r.get("truncated")) for r in recs),
-           "prepare_wait_s": round(job.prepare_wait_s, 2)}
+           "prepare_wait_s": round(job.prepare_wait_s, 2),
+           "prefix_fallbacks": sum(any(isinstance(d, dict) and d.get("kind") == "prefix_fallback"
+                                       for d in r.get("degraded") or []) for r in recs)}
     st = getattr(job.engine, "stats", None)
     if st:
         out["engine"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
@@ -198,6 +200,8 @@ def setting_result(name: str, fmt_meta: dict, eng: dict, seed: dict | None, ceil
            "prefix_groups": e.get("groups"), "prefix_tokens": e.get("prefix_tokens"),
            "rows_per_step": e.get("rows_per_step"), "drain_step_share": e.get("drain_step_share"),
            "drain_s": e.get("drain_s"), "decode_steps": e.get("decode_steps"),
+           "prefix_fallbacks": eng.get("prefix_fallbacks"), "prefix_room_frees": e.get("prefix_room_frees"),
+           "prefix_retries": e.get("prefix_retries"),
            "verdict": eng["verdict"], "ok": eng["ok"], "output_tokens": eng["output_tokens"],
            "input_tokens": eng["input_tokens"], "engine_run": eng}
     if seed:
@@ -314,6 +318,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/e2e_bench")
     ap.add_argument("--whole", nargs="?", const=",".join(SETTINGS), default="",
                     help="settings run whole, not sampled (all if none named; --prepare --whole first)")
+    ap.add_argument("--oom-snapshot", action="store_true",
+                    help="record live allocations; at an OOM, write what holds the memory (OUT/<stem>-oom.json)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="OUT.json CALL.json ...: one file from several calls")
     a = ap.parse_args()
     if a.merge:
@@ -357,6 +363,11 @@ def main() -> int:
                            "full_run_min": "wall_s x full questions / sample questions / 60 (conservative: each "
                                            "slot pool's last long answers are a fixed cost)"},
               "missing_lengths": {n: metas[p]["formats"][SETTINGS[n][0]]["missing_lengths"] for n, p in source.items()}}
+    if a.oom_snapshot:
+        from bench.memory_watch import watch
+
+        watch(Path(a.out) / f"e2e-{time.strftime('%Y-%m-%d')}{a.tag}-oom.json")
+        result["settings"]["memory_history"] = "on: allocations record their Python stacks (a small cost each)"
     if checks:
         result["ceiling"] = ceilings(backend.model)
         from bench.e2e_exact import logits_check
@@ -394,7 +405,8 @@ def main() -> int:
         r = result[name]
         print(f"== {name} ({r['sample']}): {r['questions']} q on {r['tables']} tables, {r['wall_s']} s -> full run "
               f"{r['full_run_min']} min; ratio {r.get('ratio_vs_seed_style')}; breakdown {r['breakdown']}; "
-              f"prefill {r['prefill_tok_s']} tok/s", flush=True)
+              f"prefill {r['prefill_tok_s']} tok/s; fallbacks {r['prefix_fallbacks']}, prefix room frees "
+              f"{r['prefix_room_frees']}, prefix retries {r['prefix_retries']}", flush=True)
     return 0
 
 

@@ -96,9 +96,8 @@ def sim_engine(kv_gib: float):
     from hitbench_utils.engine import scheduler as S
 
     class SimEngine(S.PrefixEngine):
-        def _room(self, prefix_len: int, per_tok: int) -> int:      # the CUDA sizing, with a fixed free memory
-            return int(kv_gib * 2**30 - S.PREFILL_ACTIVATIONS * prefix_len * per_tok - S.RESERVE_BYTES
-                       - getattr(S, "GRAPH_BYTES", 0) * len(self.pools.pools))
+        def _free_bytes(self) -> int:      # the CUDA sizing and prefix room, with kv_gib for the pools
+            return int(kv_gib * 2**30 - self.pools.held_bytes())
 
     return SimEngine
 
@@ -152,7 +151,7 @@ def main() -> int:
            "setting": a.setting, "questions": len(m["ids"]), "verdict": summary["verdict"],
            "kv_gib": a.kv_gib, "cpu_s": round(time.perf_counter() - t0, 1),
            "schedule": {k: st.get(k) for k in ("groups", "decode_steps", "decode_ticks", "decode_rows", "drain_steps",
-                                            "rows_per_step", "drain_step_share", "moves")},
+                                            "rows_per_step", "drain_step_share", "moves", "prefix_room_frees", "prefix_retries")},
            "pools_made": len(st["pools"]), "pools_made_beside_others": sum(p.get("beside", 0) > 0 for p in st["pools"]),
            "graphs_captured": runner.captures, "pool_kinds": kinds}
     if a.gpu_call:

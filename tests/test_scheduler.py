@@ -317,7 +317,71 @@ def test_pool_sizing_on_a_gpu_gives_whole_slot_counts(monkeypatch):
     engine = PrefixEngine(backend, batch_size=4, runner=FakeRunner())
     backend.device = "cuda:0"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
     room = engine._room(12345, 147456)
     assert type(room) is int and 90 * 2**30 < room < 100 * 2**30
     beside, alone = new_pool_slots(float(room), 0, 4096, 147456, 32)
     assert type(beside) is int and type(alone) is int and alone == 32
+
+
+class DeviceMemory:
+    """A GPU's memory for the CUDA sizing path on the CPU: ``capacity`` bytes less the live pools'. The
+    runner's prefix pass needs its cache and as much again for activations, and raises an out-of-memory
+    error (counted) when they do not fit, as the model's forward does."""
+
+    def __init__(self, monkeypatch, runner: FakeRunner, capacity: int) -> None:
+        import torch
+
+        from hitbench_utils.engine import admission, pools, scheduler
+        from hitbench_utils.engine.pools import nbytes
+
+        self.capacity, self.runner, self.ooms = capacity, runner, 0
+        self.free = lambda: capacity - sum(nbytes(p) for p in runner.live)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (self.free(), capacity))
+        for name in ("memory_reserved", "memory_allocated"):       # the allocator holds nothing unused
+            monkeypatch.setattr(torch.cuda, name, lambda *a: capacity - self.free())
+        monkeypatch.setattr(pools, "RESERVE_BYTES", 0)           # bytes here are 16 a token: no GiB reserves
+        monkeypatch.setattr(scheduler, "GRAPH_BYTES", 0)
+        monkeypatch.setattr(admission, "sync", lambda device: None)
+        for name in ("prefix", "prefixes"):
+            monkeypatch.setattr(runner, name, self._needing_memory(getattr(runner, name)))
+
+    def _needing_memory(self, pass_):
+        def run(arg, *rest):
+            firsts = arg if isinstance(arg, list) else [arg]
+            need = 2 * sum(len(f.prefix_ids) + len(f.suffix_ids) for f in firsts) * self.runner.shape.bytes_per_token()
+            if need > self.free():
+                self.ooms += 1
+                raise SampleOOM(f"prefix pass needs {need} bytes, {self.free()} free")
+            return pass_(arg, *rest)
+        return run
+
+
+def test_a_long_prefix_after_pools_filled_the_memory_gets_room_first_and_never_runs_out(monkeypatch):
+    """Pools sized beside a short prefix leave too little for a longer table's prefix pass. On an H200
+    that pass ran out of memory (every pool drained for a retry, or a fallback). The engine reads free
+    memory before each prefix pass and frees pools first: no pass may fail, nothing falls back."""
+    backend, runner = FakeBackend(), FakeRunner()
+    backend.device = "cuda:0"
+    per_tok = runner.shape.bytes_per_token()
+    memory = DeviceMemory(monkeypatch, runner, capacity=48 * 1024 * per_tok)
+    rng, reqs = random.Random(7), []
+    for t, size in enumerate([300, 2500, 6000, 300, 6000, 2500]):
+        table = f"<table {t}>" + "".join(chr(65 + rng.randrange(26)) for _ in range(size))
+        for k in range(3):
+            q = f"Q{k}: " + "".join(chr(97 + rng.randrange(26)) for _ in range(rng.randint(5, 30)))
+            reqs.append(GenRequest((t, k), [{"role": "user", "content": table + q}], share_from=q,
+                                   max_new_tokens=rng.choice([3, 40, 200])))
+    settings = GenSettings(max_new_tokens=200)
+    ref = answers(zip(reqs, backend.generate(reqs, settings), [[]] * len(reqs)))
+    backend.generated.clear()
+    engine = PrefixEngine(backend, batch_size=4, runner=runner, graphs=False)
+    by_table: dict = {}
+    for r in reqs:
+        by_table.setdefault(r.key[0], []).append(r)
+    out = list(engine.run_stream(iter(by_table.values()), settings))        # a table a pull: no lookahead
+    assert answers(out) == ref and not backend.generated and not any(steps for _, _, steps in out)
+    assert memory.ooms == 0 and engine.stats["prefix_retries"] == 0
+    assert engine.stats["prefix_room_frees"] > 0                  # the memory was short: pools made room
+    assert max(p["slots"] for p in engine.stats["pools"]) == 32   # and pools still fill what is free

@@ -19,6 +19,7 @@ from ..records import Degradation
 from .batching import free_memory, release_frames, sync
 from .kv_pool import KVPool
 from .prefixes import _Group, _Row, _Split, _cap, split
+from .pools import prefix_pass_bytes
 from .sampling import pick
 
 log = logging.getLogger("hitbench")
@@ -44,11 +45,27 @@ class Admission:
                 except Exception as e:  # noqa: BLE001
                     yield from self._fallback([m], e, settings)
             g.members = admitted
-        for pack in packs([g for g in groups if g.members], self.pack_tokens):
+        groups = [g for g in groups if g.members]
+        self._pull_tokens = max(map(prompt_tokens, groups), default=0)
+        for pack in packs(groups, self.pack_tokens):
+            yield from self._prefix_room(pack, settings)
             t0 = time.perf_counter()
             done = self._packed_prefixes(pack)
             for g in pack:          # each cache goes once its group is in (popped, not kept by the list)
                 yield from self._run_group(g, settings, done.pop(0), t0)
+
+    def _prefix_room(self, pack: list["_Group"], settings: GenSettings) -> Outcomes:
+        """Pools freed (idle ones first, then the largest drained) until the device holds the pack's
+        prefill pass: pools sized beside a shorter prefix can leave too little for a longer one, and an
+        out-of-memory error there costs every pool's drain, or a fallback."""
+        per_tok = self.runner.shape.bytes_per_token()
+        need = prefix_pass_bytes(sum(map(prompt_tokens, pack)), per_tok)
+        while self.pools:
+            free = self._free_bytes()
+            if free is None or free >= need:
+                return
+            self.stats["prefix_room_frees"] += 1
+            yield from self._free_a_pool(settings)
 
     def _packed_prefixes(self, pack: list["_Group"]) -> list[Any]:
         """The pack's prefixes in one pass; a pack that fails gets Nones: each group then computes its
@@ -76,10 +93,11 @@ class Admission:
                 yield from self._fallback(g.members, e, settings)
                 return
             release_frames(e)
+            self.stats["prefix_retries"] += 1
+            log.info("a %d-token prefix ran out of memory%s: retried alone", g.prefix_len, self._memory_note())
             if self.pools:
                 yield from self._drop_all(settings)     # the pools' memory is what the prefix lacked
-            else:
-                free_memory()           # a failed pass's tensors can outlive it in reference cycles
+            free_memory()               # a failed pass's tensors can outlive it in reference cycles
             try:
                 cache, P, delta, first_logits = self._prefix([g])[0]
             except Exception as e2:  # noqa: BLE001
@@ -189,13 +207,18 @@ class Admission:
         return groups, plain
 
 
+def prompt_tokens(g: "_Group") -> int:
+    """Tokens of a group's first whole prompt (its prefix pass)."""
+    return len(g.members[0].prefix_ids) + len(g.members[0].suffix_ids)
+
+
 def packs(groups: list["_Group"], pack_tokens: int) -> list[list["_Group"]]:
     """Neighbouring text groups whose first prompts together fit ``pack_tokens`` share one prefill pass;
     an image group, or a longer prompt, runs alone."""
     out: list[list[_Group]] = []
     total = 0
     for g in groups:
-        n = len(g.members[0].prefix_ids) + len(g.members[0].suffix_ids)
+        n = prompt_tokens(g)
         if g.image is None and out and out[-1][0].image is None and total + n <= pack_tokens:
             out[-1].append(g)
             total += n

@@ -26,6 +26,20 @@ def free_memory() -> None:
     empty_cache()
 
 
+def failed_at(exc: BaseException) -> str:
+    """Where an exception was raised, for a failure's log line: the innermost frame, and the innermost
+    two of this package (``file:line function``, innermost first), from the text ``release_frames`` kept."""
+    import re
+    import traceback
+
+    text = getattr(exc, "hitbench_traceback", None)
+    if text is None and exc.__traceback__ is not None:
+        text = "".join(traceback.format_tb(exc.__traceback__))
+    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text or "")
+    ours = [f for f in found[:-1] if "hitbench_utils" in f[0]][-2:]
+    return " < ".join(f"{f.rsplit('/', 1)[-1]}:{n} {fn}" for f, n, fn in reversed(ours + found[-1:])) or "?"
+
+
 def release_frames(exc: BaseException) -> None:
     """Keep the traceback as text and drop its frames: they hold the failed batch's tensors, and an
     OOM that keeps them alive makes the next sample OOM too (measured on an H100: 17 GiB stayed

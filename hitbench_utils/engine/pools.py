@@ -87,3 +87,15 @@ def new_pool_slots(room_alone: int, held: int, length: int, per_token: int, max_
 def keep_beside(beside: int, alone: int) -> bool:
     """Make a pool beside the live ones only when that costs it no slots (fewer slots cost every step)."""
     return beside >= alone and beside >= 1
+
+
+def prefix_pass_bytes(tokens: int, per_tok: int) -> int:
+    """Device memory a prefill pass of ``tokens`` prompt tokens needs: their cache, their activations,
+    and the reserve."""
+    return int((1 + PREFILL_ACTIVATIONS) * tokens * per_tok + RESERVE_BYTES)
+
+
+PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
+RESERVE_BYTES = 2 * 2**30
+GRAPH_BYTES = 2**29         # a live pool's graph memory, an estimate from its step's largest tensors (float32
+                            # scores: 32 rows x 32 heads x 16K keys is 64 MiB); not measured

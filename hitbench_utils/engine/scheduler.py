@@ -16,9 +16,9 @@ from ..backends.base import GenRequest, GenResult, GenSettings
 from ..errors import status_of
 from ..records import Degradation
 from .admission import PACK_TOKENS, Admission, Outcomes
-from .batching import Engine, empty_cache, free_memory, release_frames
+from .batching import Engine, empty_cache, failed_at, free_memory, release_frames
 from .kv_pool import KVPool, bucket_length
-from .pools import PoolSet, keep_beside, nbytes, new_pool_slots
+from .pools import GRAPH_BYTES, PoolSet, keep_beside, nbytes, new_pool_slots, prefix_pass_bytes
 from .prefixes import _Row, _Split
 from .runner import ModelRunner
 from .sampling import generator, pick
@@ -46,6 +46,7 @@ class PrefixEngine(Admission, Engine):
         self._runner = runner
         self.pools = PoolSet()
         self._admitting: KVPool | None = None    # the pool the current group enters
+        self._pull_tokens = 0                    # the longest first prompt of the pull being admitted
         self.rows: dict[int, _Row] = {}          # request handle -> its decoding state
         self._next_rid = 0
         self._tokenized: dict[bytes, list[int]] = {}      # recent prefix texts' tokenizations (LRU)
@@ -53,7 +54,8 @@ class PrefixEngine(Admission, Engine):
                       "prefix_passes": 0, "decode_steps": 0, "decode_ticks": 0, "decode_rows": 0, "decode_s": 0.0, "pools": [],
                       "capture_s": 0.0, "moves": 0,
                       "suffix_passes": 0, "drain_steps": 0, "drain_s": 0.0,
-                      "prefix_times": [], "suffix_times": []}
+                      "prefix_times": [], "suffix_times": [],
+                      "prefix_room_frees": 0, "prefix_retries": 0}
 
     @property
     def runner(self) -> Any:
@@ -120,12 +122,14 @@ class PrefixEngine(Admission, Engine):
             self._admitting = None
 
     def _fallback(self, members: list[_Split], e: BaseException, settings: GenSettings) -> Outcomes:
+        held = self._memory_note()          # what the device held when it failed, and after the drop
         release_frames(e)
         if status_of(e) == "oom" and self.pools:   # give the plain engine the pools' memory
             yield from self._drop_all(settings)
         free_memory()
-        log.warning("shared-prefix work on %d question(s) failed (%s: %s): falling back to plain batches%s",
-                    len(members), type(e).__name__, str(e)[:300], self._memory_note())
+        log.warning("shared-prefix work on %d question(s) failed at %s (%s: %s): falling back to plain "
+                    "batches; at the failure%s, after it%s", len(members), failed_at(e), type(e).__name__,
+                    str(e)[:300], held, self._memory_note())
         for r, res, steps in super().run([m.req for m in members], settings):
             yield r, res, [Degradation("prefix_fallback", f"{type(e).__name__}: {e}"[:300])] + steps
 
@@ -156,16 +160,7 @@ class PrefixEngine(Admission, Engine):
         room = self._room(prefix_len, per_tok)
         beside, alone = new_pool_slots(room, self.pools.held_bytes(), length, per_tok, self.max_slots)
         while not keep_beside(beside, alone) and self.pools:
-            idle = self.pools.idle()
-            if idle:
-                self._retire(idle[0])
-            else:              # the largest busy pool finishes its answers (the others step too), then goes
-                largest = max(self.pools.busy(), key=nbytes)
-                while largest in self.pools and len(largest):
-                    yield from self._step(settings, drain=True)
-                if largest in self.pools:
-                    self._retire(largest)
-            empty_cache()
+            yield from self._free_a_pool(settings)
             beside, alone = new_pool_slots(room, self.pools.held_bytes(), length, per_tok, self.max_slots)
         slots = alone
         if slots < 1:
@@ -181,18 +176,41 @@ class PrefixEngine(Admission, Engine):
                  slots * length * per_tok / 2**30, entry["beside"])
         return pool
 
+    def _free_a_pool(self, settings: GenSettings) -> Outcomes:
+        """Memory for something new: the largest idle pool freed, else the largest busy pool drained (the
+        others step too) and freed."""
+        idle = self.pools.idle()
+        if idle:
+            self._retire(idle[0])
+        else:
+            largest = max(self.pools.busy(), key=nbytes)
+            while largest in self.pools and len(largest):
+                yield from self._step(settings, drain=True)
+            if largest in self.pools:
+                self._retire(largest)
+        empty_cache()
+
     def _room(self, prefix_len: int, per_tok: int) -> int:
         """Memory a new pool could have were every live pool freed."""
+        free = self._free_bytes()
+        if free is None:
+            return self.token_budget * 8 * per_tok
+        # made while this group's prefix cache (``prefix_len``) is held, which goes before the next
+        # prefix: the pull's longest prompt (``_pull_tokens``) needs its cache and activations beside
+        # the pools; each live pool's graphs keep their own memory
+        later = prefix_pass_bytes(max(prefix_len, self._pull_tokens), per_tok) - prefix_len * per_tok
+        return int(free + self.pools.held_bytes() - later - GRAPH_BYTES * len(self.pools.pools))   # whole bytes
+
+    def _free_bytes(self) -> int | None:
+        """Device memory free for new tensors (the driver's, and what the allocator holds unused); None
+        off CUDA, where pools are sized from ``token_budget``."""
         dev = str(self.backend.device)
         if not dev.startswith("cuda"):
-            return self.token_budget * 8 * per_tok
+            return None
         import torch
 
         free, _ = torch.cuda.mem_get_info(torch.device(dev))
-        # made while this group's prefix cache is held: later (shorter) prefixes reuse its memory, and
-        # their activations need about as much again; each live pool's graphs keep their own memory
-        return int(free + self.pools.held_bytes() - PREFILL_ACTIVATIONS * prefix_len * per_tok - RESERVE_BYTES
-                   - GRAPH_BYTES * len(self.pools.pools))     # whole bytes: slot counts come from it
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
 
     # ---- decoding -----------------------------------------------------------------------------------
     def _step(self, settings: GenSettings, drain: bool = False) -> Outcomes:
@@ -247,9 +265,3 @@ class PrefixEngine(Admission, Engine):
         res = GenResult(text=text, output_tokens=len(row.tokens), input_tokens=row.n_input,
                         seconds=time.perf_counter() - row.t0, timed_out=row.timed_out)
         return row.split.req, res, []
-
-
-PREFILL_ACTIVATIONS = 1.0   # prefill activations, in units of the prompt's KV size (an 89K prefill: 2.3 GiB MLP blocks)
-RESERVE_BYTES = 2 * 2**30
-GRAPH_BYTES = 2**29         # a live pool's graph memory, an estimate from its step's largest tensors (float32
-                            # scores: 32 rows x 32 heads x 16K keys is 64 MiB); not measured
