@@ -368,11 +368,15 @@ def test_prefixes_too_long_to_pack_run_alone_through_the_models_forward(tiny_bac
 def test_a_dropped_pool_and_a_used_prefix_cache_are_freed_at_once(tiny_backend, sample_data, monkeypatch):
     """Pool sizing reads free memory: a retired pool or a group's prefix cache that lived on until a
     garbage collection (a reference cycle) would shrink every later pool, or make it run out of memory.
-    With collection off, each is gone as soon as the engine drops it, through an OOM retry too."""
+    With collection off, each is gone as soon as the engine drops it, through an OOM retry too, and before
+    the device's cache is emptied: on an H200, a pool still referenced there (a local) went to the cache
+    instead, the next prefix cache was carved out of its blocks, and the next pool ran out of memory with
+    75 GiB reserved but unusable."""
     import gc
     import weakref
 
     from hitbench_utils.engine import runner as R
+    from hitbench_utils.engine import scheduler as S
 
     made, caches, calls = [], [], []
     new_pool, prefix = R.ModelRunner.new_pool, R.ModelRunner.prefix
@@ -389,8 +393,15 @@ def test_a_dropped_pool_and_a_used_prefix_cache_are_freed_at_once(tiny_backend, 
         caches.append(weakref.ref(out[0]))
         return out
 
+    def dropped_pools_dead() -> None:       # when the device's cache empties, no dropped pool holds memory
+        emptied.append(1)
+        live = {id(p) for p in engine.pools.pools}
+        assert all(w() is None or id(w()) in live or not w().K for w in made), "a dropped pool holds its KV"
+
+    emptied: list = []
     monkeypatch.setattr(R.ModelRunner, "new_pool", tracked_pool)
     monkeypatch.setattr(R.ModelRunner, "prefix", tracked_prefix)
+    monkeypatch.setattr(S, "empty_cache", dropped_pools_dead)
     reqs = requests(sample_data, "text", "json", 24)
     for i, r in enumerate(reqs):
         r.max_new_tokens = 3 + (7 * i) % 11
@@ -408,4 +419,4 @@ def test_a_dropped_pool_and_a_used_prefix_cache_are_freed_at_once(tiny_backend, 
             assert sum(w() is not None for w in caches) <= 1, "a used prefix cache is still alive"
     finally:
         gc.enable()
-    assert len(out) == len(reqs) and not any(out) and len(made) >= 2 and len(calls) > 3
+    assert len(out) == len(reqs) and not any(out) and len(made) >= 2 and len(calls) > 3 and len(emptied) >= len(made)

@@ -100,6 +100,7 @@ class FakeRunner:
         self.most_live_positions = 0           # KV positions the live pools held at once, at most
         self.passes: list[int] = []            # questions per suffix pass
         self.packs: list[int] = []             # prefixes per prefill pass
+        self.left_in_dropped: list[int] = []
 
     def new_pool(self, slots: int, length: int) -> KVPool:
         self.pools.append(KVPool(self.shape, slots, length, "cpu"))
@@ -108,6 +109,8 @@ class FakeRunner:
         return self.pools[-1]
 
     def drop_graphs(self, pool: KVPool | None = None) -> None:
+        if pool is not None:
+            self.left_in_dropped.append(len(pool))      # requests a retired pool still held (none may)
         self.live = [] if pool is None else [p for p in self.live if p is not pool]
 
     def graphs_of(self, pool: KVPool) -> int:
@@ -214,7 +217,7 @@ def test_every_answer_is_the_plain_loops_through_pool_switches_packing_and_compa
     assert sum(runner.packs) == st["groups"] and len(runner.packs) == st["prefix_passes"]
     assert (max(runner.packs) > 1) == (order == "longest first")
     # rows in flight never exceed the pool's slots, and each pool is left empty
-    assert all(len(p) == 0 for p in runner.pools)
+    assert not any(runner.left_in_dropped) and len(runner.left_in_dropped) == len(runner.pools)
 
 
 def test_a_failed_decode_step_sends_only_the_rows_in_flight_to_the_plain_loop():
@@ -302,7 +305,7 @@ def test_short_memory_frees_or_drains_a_pool_before_making_the_next():
     st = engine.stats
     assert len(st["pools"]) == 8 and all(p["beside"] == 0 for p in st["pools"])    # one at a time
     assert runner.most_live_positions <= 2048 * 8
-    assert st["drain_steps"] > 0 and all(len(p) == 0 for p in runner.pools)
+    assert st["drain_steps"] > 0 and not any(runner.left_in_dropped) and len(runner.left_in_dropped) == len(runner.pools)
 
 
 
@@ -344,8 +347,15 @@ class DeviceMemory:
         monkeypatch.setattr(pools, "RESERVE_BYTES", 0)           # bytes here are 16 a token: no GiB reserves
         monkeypatch.setattr(scheduler, "GRAPH_BYTES", 0)
         monkeypatch.setattr(admission, "sync", lambda device: None)
+        monkeypatch.setattr(scheduler, "empty_cache", self._empty_cache)
+        self.emptied = 0
         for name in ("prefix", "prefixes"):
             monkeypatch.setattr(runner, name, self._needing_memory(getattr(runner, name)))
+
+    def _empty_cache(self) -> None:
+        """A dropped pool still holding its KV here would go to the allocator's cache, not the device."""
+        self.emptied += 1
+        assert all(not p.K for p in self.runner.pools if not any(p is q for q in self.runner.live))
 
     def _needing_memory(self, pass_):
         def run(arg, *rest):
@@ -385,3 +395,4 @@ def test_a_long_prefix_after_pools_filled_the_memory_gets_room_first_and_never_r
     assert memory.ooms == 0 and engine.stats["prefix_retries"] == 0
     assert engine.stats["prefix_room_frees"] > 0                  # the memory was short: pools made room
     assert max(p["slots"] for p in engine.stats["pools"]) == 32   # and pools still fill what is free
+    assert memory.emptied > 0

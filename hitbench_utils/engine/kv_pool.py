@@ -92,6 +92,14 @@ class KVPool:
         self._n = [0] * slots                    # host copy of ``wr``: a slot's KV length, for moving it
         self._on: set[int] = set()               # host copy of ``active``
 
+    def close(self) -> None:
+        """The KV memory goes back at once, whoever still refers to the pool. On an H200 a retired pool
+        that a local still held when the device's cache was emptied went to the allocator's cache; the
+        next prefix cache was carved out of its blocks, and the next pool ran out of memory with 75 GiB
+        reserved but unusable (bench/README.md). A closed pool holds no requests and takes none."""
+        self.K, self.V, self._free = [], [], []
+        self._slot, self._on = {}, set()
+
     # ---- the scheduler's handle ---------------------------------------------------------------------
     @property
     def room(self) -> int:

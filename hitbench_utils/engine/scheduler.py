@@ -90,7 +90,10 @@ class PrefixEngine(Admission, Engine):
                 yield from self._run_groups(sorted(groups.values(), key=lambda g: -g.need(settings)), settings)
             yield from self._drain(settings)
         finally:
-            self.pools, self.rows, self._admitting = PoolSet(), {}, None
+            self.rows = {}
+            while self.pools:
+                self._retire(self.pools.pools[-1])
+            self._admitting = None
             if self._runner is not None:
                 self._runner.drop_graphs()
             st = self.stats
@@ -101,8 +104,8 @@ class PrefixEngine(Admission, Engine):
     def _drop_all(self, settings: GenSettings) -> Outcomes:
         """Every pool drained and freed (before plain batches, or for a prefix that ran out of memory)."""
         yield from self._drain(settings)
-        for pool in list(self.pools.pools):
-            self._retire(pool)
+        while self.pools:
+            self._retire(self.pools.pools[-1])
         empty_cache()
 
     def _memory_note(self) -> str:
@@ -116,8 +119,10 @@ class PrefixEngine(Admission, Engine):
                 f"pool(s) hold {self.pools.held_bytes() / 2**30:.1f} GiB; {len(self.rows)} rows decoding]")
 
     def _retire(self, pool: KVPool) -> None:
+        """A pool forgotten, its graphs dropped and its memory released at once (``KVPool.close``)."""
         self.pools.remove(pool)
         self.runner.drop_graphs(pool)
+        pool.close()
         if self._admitting is pool:
             self._admitting = None
 
@@ -180,14 +185,11 @@ class PrefixEngine(Admission, Engine):
         """Memory for something new: the largest idle pool freed, else the largest busy pool drained (the
         others step too) and freed."""
         idle = self.pools.idle()
-        if idle:
-            self._retire(idle[0])
-        else:
-            largest = max(self.pools.busy(), key=nbytes)
-            while largest in self.pools and len(largest):
-                yield from self._step(settings, drain=True)
-            if largest in self.pools:
-                self._retire(largest)
+        pool = idle[0] if idle else max(self.pools.busy(), key=nbytes)
+        while pool in self.pools and len(pool):
+            yield from self._step(settings, drain=True)
+        if pool in self.pools:
+            self._retire(pool)
         empty_cache()
 
     def _room(self, prefix_len: int, per_tok: int) -> int:
