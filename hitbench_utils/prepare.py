@@ -157,6 +157,14 @@ def default_workers(device: str) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 2)) if str(device).startswith("cuda") else 0
 
 
+def look_ahead(per_pull: int) -> int:
+    """Groups in preparation ahead of the consumer for an engine that takes ``per_pull`` groups a pull:
+    three pulls, so the next pull's groups were submitted a whole pull before it and are ready when it
+    comes. With a window of one pull, every pull waited for its last groups (about 1 s a pull of 8 on an
+    H200: bench/README.md)."""
+    return max(8, 3 * per_pull)
+
+
 def prepare_stream(preparer: Preparer, groups: Iterable[list[tuple[D.Query, int]]], workers: int,
                    ahead: int = 8) -> Iterator[list[Prepared]]:
     """Each group prepared, in order, by ``workers`` forked processes working up to ``ahead`` groups in

@@ -23,7 +23,7 @@ from .config import RunConfig, data_fingerprint, fingerprint
 from .pairing import StructureTracker, fill_structure, plan_structure
 from .pipeline import generate
 from .plan import plan
-from .prepare import Preparer, default_workers, prepare_stream
+from .prepare import Preparer, default_workers, look_ahead, prepare_stream
 from .prompts import load_templates
 from .records import SCHEMA_VERSION
 from .redact import redact, secret_values
@@ -94,7 +94,7 @@ class Job:
         with self._open(rank) as runlog:
             groups = plan(self, runlog, rank)
             preparer = self._load()
-            self._generate(runlog, preparer, prepare_stream(preparer, groups, self._workers()))
+            self._generate(runlog, preparer, groups)
             return self._finish(runlog, rank)
 
     @contextmanager
@@ -140,9 +140,11 @@ class Job:
         w = self.config.prepare_workers
         return default_workers(str(self.backend.device)) if w is None else w
 
-    def _generate(self, runlog: RunLog, preparer: Preparer, groups: Iterator) -> None:
+    def _generate(self, runlog: RunLog, preparer: Preparer, planned: Iterator) -> None:
         cfg = self.config
         engine = self.engine = make_engine(self.backend, cfg)    # kept: its stats stay readable
+        ahead = look_ahead(getattr(engine, "groups_per_pull", 1))   # prepared a few pulls ahead of the engine
+        groups = prepare_stream(preparer, planned, self._workers(), ahead)
         self.scorer = Scorer(cfg, self.data_path, self.folder, self.secrets, self.backend) if cfg.score else None
         progress = Progress(self.total or 0, f"{cfg.modality}_{cfg.fmt or 'png'}", engine, bar=self.progress)
         sc = StructureTracker(runlog.contents.records, cfg.structure_reference, cfg.score)

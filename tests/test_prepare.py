@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import shutil
+import time
+from types import SimpleNamespace
 
 import pytest
 
 from hitbench_utils import data as D
 from hitbench_utils.config import RunConfig
 from hitbench_utils.errors import ConfigError
-from hitbench_utils.prepare import Preparer, prepare_stream
+from hitbench_utils.engine import PrefixEngine
+from hitbench_utils.prepare import Preparer, look_ahead, prepare_stream
 from hitbench_utils.prompts import load_templates
 from hitbench_utils.run import Job
 
@@ -34,6 +37,44 @@ def test_forked_workers_prepare_exactly_what_the_run_process_prepares(sample_dat
         for k in ("started_at", "prepare_s"):
             ra.pop(k), rb.pop(k)
         assert ra == rb
+
+
+class SlowPreparer:
+    """A stand-in taking ``seconds`` a question (sleeping: the test needs no free cores)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def prepare(self, q: int, attempt: int) -> SimpleNamespace:
+        time.sleep(self.seconds)
+        return SimpleNamespace(id=q)
+
+
+def pull_waits(ahead: int, per_pull: int, pulls: int, work_s: float, prepare_s: float) -> list[float]:
+    """What an engine taking ``per_pull`` groups a pull, and working ``work_s`` on each, waits at each pull
+    for prepared groups (the pipeline's ``Flow.source`` times the same ``next`` calls)."""
+    stream = prepare_stream(SlowPreparer(prepare_s), [[(i, 1)] for i in range(pulls * per_pull)], workers=2,
+                            ahead=ahead)
+    waits, got = [], []
+    for _ in range(pulls):
+        t0 = time.perf_counter()
+        got += [p.id for _ in range(per_pull) for p in next(stream)]
+        waits.append(time.perf_counter() - t0)
+        time.sleep(work_s)
+    assert got == list(range(pulls * per_pull)) and next(stream, None) is None
+    return waits
+
+
+def test_after_its_first_pull_the_engine_never_waits_for_prepared_prompts():
+    """The run prepares ``look_ahead(groups_per_pull)`` groups ahead: while the engine works on a pull, the
+    next pull's groups are prepared. Two workers prepare a pull of 4 in 0.5 s; the engine works 0.7 s."""
+    per_pull = 4
+    waits = pull_waits(look_ahead(per_pull), per_pull, pulls=4, work_s=0.7, prepare_s=0.25)
+    assert max(waits[1:]) < 0.12, waits
+    # the control: a window of one pull leaves each pull's last group to be prepared while the engine waits
+    one_pull = pull_waits(per_pull, per_pull, pulls=4, work_s=0.7, prepare_s=0.25)
+    assert min(one_pull[1:]) > 0.2, one_pull
+    assert look_ahead(PrefixEngine.groups_per_pull) >= 2 * PrefixEngine.groups_per_pull
 
 
 def test_a_limit_that_no_instructions_fit_is_refused_before_any_work(tmp_path, sample_data, tiny_backend):
