@@ -155,6 +155,7 @@ def run_job(backend, fmt: str, prompts: str, ids: list[int], lengths: dict, run_
            "input_tokens": sum(r.get("input_tokens_sent") or 0 for r in recs),
            "truncated": sum(bool(r.get("truncated")) for r in recs),
            "prepare_wait_s": round(job.prepare_wait_s, 2),
+           "prepare_wait_first_pull_s": round(job.prepare_wait_first_s, 2),
            "prefix_fallbacks": sum(any(isinstance(d, dict) and d.get("kind") == "prefix_fallback"
                                        for d in r.get("degraded") or []) for r in recs)}
     st = getattr(job.engine, "stats", None)

@@ -31,6 +31,7 @@ class Flow:
         self.queue: deque[GenRequest] = deque()
         self.in_flight = 0          # requests the engine has and has not answered yet
         self.wait_s = 0.0           # time the engine's thread spent waiting for prepared groups
+        self.first_wait_s = 0.0     # of which at the first pull (the start: nothing can be ahead yet)
 
     def admit(self, group: list[Prepared]) -> list[GenRequest]:
         """A prepared group's requests; a sample whose preparation failed is final at once."""
@@ -53,6 +54,7 @@ class Flow:
         it = iter(groups)
         exhausted = False
         fresh: deque[GenRequest] = deque()         # admitted, not yet handed to the engine
+        first = True
         while True:
             out = list(self.queue)
             self.queue.clear()
@@ -61,7 +63,10 @@ class Flow:
                 if not fresh and not exhausted:
                     t0 = time.perf_counter()
                     group = next(it, None)
-                    self.wait_s += time.perf_counter() - t0
+                    waited = time.perf_counter() - t0
+                    self.wait_s += waited
+                    if first:
+                        self.first_wait_s += waited
                     if group is None:
                         exhausted = True
                     else:
@@ -79,6 +84,7 @@ class Flow:
             if not out and not self.in_flight and exhausted and not fresh:
                 return
             self.in_flight += len(out)
+            first = first and not out
             yield out                # empty: wait for answers in flight
 
     def outcome(self, req: GenRequest, res: Any, steps: list) -> None:

@@ -151,6 +151,7 @@ class Job:
         try:
             flow = generate(engine, self.settings, groups, preparer, Sink(runlog.append, self.scorer, progress, sc.observe))
             self.prepare_wait_s = flow.wait_s    # the engine's wait for prepared prompts (benchmarks report it)
+            self.prepare_wait_first_s = flow.first_wait_s     # of which at the start
         finally:
             progress.close()
 

@@ -203,12 +203,13 @@ def test_the_engines_wait_for_prepared_groups_is_measured():
     import time
 
     def slow_groups():
-        for i in (1, 2, 3):
-            time.sleep(0.05)
+        for i, s in ((1, 0.2), (2, 0.05), (3, 0.05)):
+            time.sleep(s)
             yield [prepared(i)]
 
     flow = generate(SlotEngine({i: [answer(OK)] for i in (1, 2, 3)}), None, slow_groups(), FakeRefit(), lambda rec: None)
-    assert 0.15 <= flow.wait_s < 1.0
+    assert 0.3 <= flow.wait_s < 1.2
+    assert 0.2 <= flow.first_wait_s < flow.wait_s - 0.09       # the start's wait, apart from the later pulls'
     flow = generate(SlotEngine({1: [answer(OK)]}), None, [[prepared(1)]], FakeRefit(), lambda rec: None)
     assert flow.wait_s < 0.05
 

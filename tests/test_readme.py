@@ -94,3 +94,30 @@ def test_the_cpu_install_is_a_variant_of_the_first_setup_command():
     assert len(cpu) == 1 and "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu && " \
         "pip install -e . && " in cpu[0]
     assert cpu[0].replace("pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu && ", "") == first
+
+
+def test_the_readmes_speed_figures_are_those_of_the_committed_result_file():
+    """Every speed figure the README gives for one H200 is read from the merged e2e result, and its call is
+    the one the README names: a re-measured result with a stale README, or the reverse, fails here."""
+    results = sorted((REPO / "bench" / "results").glob("e2e-*-NVIDIA-H200.json"))
+    merged = json.loads(results[-1].read_text())               # the newest merged file
+    section = README[README.index("Measured on one H200 through the notebook's own path"):]
+    section = section[:section.index("### ")]
+    html, latex, first = (merged[k] for k in ("text_html", "text_latex", "text_html_instruction_first"))
+    calls = {s["call"].split("-call-")[1].removesuffix(".json") for s in (html, latex, first)}
+    assert len(calls) == 1 and f"one call ({calls.pop()})" in section
+    flat = " ".join(section.split())
+    expected = [f"{latex['questions']:,} questions in **{latex['full_run_min']:.1f} min**",
+                f"**{latex['ratio_vs_seed_style']:.1f}x**",
+                f"{html['questions']} questions in {html['wall_s']:.1f} s, **{html['ratio_vs_seed_style']:.1f}x**",
+                f"would take {html['full_run_min']:.1f} min",
+                f"{first['wall_s']:.1f} s, {first['full_run_min']:.1f} min scaled",
+                f"{first['ratio_vs_seed_style']:.1f}x",
+                f"{html['seed_style_s'] / html['seed_style_questions']:.2f} s a question",
+                f"{first['seed_style_s'] / first['seed_style_questions']:.2f} s with instruction-first"]
+    for figure in expected:
+        assert figure in flat, f"README lacks {figure!r} (from {results[-1].name})"
+    for name, key, op, bound in (("text_html", "full_run_min", "<=", 12), ("text_latex", "full_run_min", "<=", 4),
+                                 ("text_html_instruction_first", "full_run_min", "<=", 25)):
+        met = merged["targets"][f"{name}: {key} {op} {bound}"]["met"]
+        assert met or f"target {bound})" in flat, f"{name}'s unmet target {bound} is not stated"
