@@ -117,7 +117,6 @@ def test_the_readmes_speed_figures_are_those_of_the_committed_result_file():
                 f"{first['seed_style_s'] / first['seed_style_questions']:.2f} s with instruction-first"]
     for figure in expected:
         assert figure in flat, f"README lacks {figure!r} (from {results[-1].name})"
-    for name, key, op, bound in (("text_html", "full_run_min", "<=", 12), ("text_latex", "full_run_min", "<=", 4),
-                                 ("text_html_instruction_first", "full_run_min", "<=", 25)):
-        met = merged["targets"][f"{name}: {key} {op} {bound}"]["met"]
-        assert met or f"target {bound})" in flat, f"{name}'s unmet target {bound} is not stated"
+    for target, got in merged["targets"].items():       # e.g. "text_html: full_run_min <= 12"
+        bound = target.rsplit(" ", 1)[1]
+        assert got["met"] or f"target {bound})" in flat, f"unmet {target!r} is not stated"
